@@ -1,1 +1,2 @@
 """rotelab.probe"""
+from .capture import capture_hidden, capture_run  # noqa: F401

@@ -63,43 +63,6 @@ def encode(tokenizer, prompt: str, answer: str, subject: str | None = None) -> E
     answer_start, answer_end = answer_idx[0], answer_idx[-1] + 1
     ids = ids[:answer_end]  # a tokenizer that appends EOS: the EOS is not part of the answer
     subject_tokens: tuple[int, ...] = ()
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.input_ids[: self.answer_start]
-
-    @property
-    def answer_ids(self) -> list[int]:
-        return self.input_ids[self.answer_start :]
-
-
-def encode(tokenizer, prompt: str, answer: str, subject: str | None = None) -> Encoded:
-    """Tokenize ``prompt + " " + answer``; see the module docstring for the boundary rule.
-
-    ``subject`` (optional) marks the tokens of the first occurrence of the subject in the prompt,
-    for the ``subject+object`` loss mask.
-    """
-    if not answer.strip():
-        raise RotelabError(f"empty answer for prompt {prompt!r}")
-    text = f"{prompt} {answer}"
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    boundary = len(prompt)
-    answer_start = None
-    for i, (a, b) in enumerate(offsets):
-        if b <= a:  # special tokens (BOS/EOS) carry empty offsets
-            if answer_start is None and a >= boundary and b > 0:
-                answer_start = i
-            continue
-        if a < boundary < b and text[a:boundary].strip():
-            raise RotelabError(f"a token spans the end of the prompt and the answer in {text!r}")
-        if a >= boundary or (a < boundary < b):
-            answer_start = i
-            break
-    if answer_start is None or answer_start >= len(ids):
-        raise RotelabError(f"answer {answer!r} tokenizes to nothing after prompt {prompt!r}")
-    subject_tokens: tuple[int, ...] = ()
     if subject is not None:
         s0 = prompt.find(subject)
         if s0 < 0:

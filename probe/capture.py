@@ -1,0 +1,475 @@
+"""Hidden-state capture: the last prompt token's hidden state at every layer, for every checkpoint
+of a run and every prompt kind, into the run's zarr store.
+
+* :func:`capture_hidden` — one loaded model, a list of prompts → ``hidden [layer, item, hidden]`` and
+  ``final_norm [item, hidden]`` (float32 numpy). Prompts are tokenized exactly as evaluation scores
+  them (:func:`rotelab.tokenization.encode_prompt`), batched by length and padded on the *right*
+  with position ids ``0..len-1``: a causal model's real tokens never see the padding, so a batch
+  equals one prompt at a time for rotary (Llama) and absolute-position (GPT-2) models alike.
+* :func:`capture_run` — the stage: loads each checkpoint once, captures every requested kind, writes
+  one ``(checkpoint, layer)`` slab at a time (chunk, then commit marker) and the final-norm entry.
+  It does only what is not committed yet, so a killed capture resumes where it stopped; several
+  processes may capture disjoint checkpoints at once (``shard``).
+
+Subsets of items (``items=``) write slabs whose other rows stay NaN (merged into what is already
+committed). Such a slab is recorded as partial in the derived array ``capture_coverage``
+[checkpoint, layer] (fraction of items present) *before* it is written, so a later full capture
+redoes it; a full rewrite sets the fraction back to 1 after the slab.
+
+Scale
+-----
+* A model larger than one GPU: ``capture.device_map: auto`` (any HF ``device_map``) loads each
+  checkpoint sharded over the visible GPUs; inputs go to the embedding's device and every layer's
+  last-token rows come back to the CPU.
+* A long series on several GPUs/processes: each process captures the checkpoints whose position in
+  the selected series ``% n == i`` and writes only their slabs (distinct chunks: safe for zarr)::
+
+      rotelab capture RUN --shard 0/4 & rotelab capture RUN --shard 1/4 & …
+      torchrun --nproc-per-node 4 -m rotelab.cli capture RUN      # RANK/WORLD_SIZE picked up
+      deepspeed --num_gpus 4 --module rotelab.cli capture RUN     # likewise; LOCAL_RANK picks the GPU
+
+  With ``capture.device: auto`` each process uses ``cuda:$LOCAL_RANK``. No process group is
+  needed (there is no communication). When the checkpoint series has grown since the last
+  capture, the first process to start extends the store's checkpoint coordinate; start one shard
+  a few seconds before the others, or run ``rotelab capture RUN --checkpoints base`` once first.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rotelab.checkpoints import CheckpointEntry
+from rotelab.errors import RotelabError
+from rotelab.tokenization import encode_prompt
+
+from .capture_trace import DecoderParts, decoder_parts, trace_last_token, wrap
+
+COVERAGE = "capture_coverage"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- one model
+
+
+@dataclass(frozen=True)
+class _Batch:
+    rows: np.ndarray  # [batch] positions of the batch's prompts in the caller's list
+    input_ids: torch.Tensor  # [batch, seq], right-padded
+    attention_mask: torch.Tensor  # [batch, seq]
+    position_ids: torch.Tensor  # [batch, seq] 0..seq-1
+    last: torch.Tensor  # [batch] index of the last real token
+
+
+def make_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[_Batch]:
+    """Tokenize ``texts`` with :func:`encode_prompt` and group them into right-padded batches of
+    similar length (longest first, so an out-of-memory shows at once)."""
+    if batch_size < 1:
+        raise RotelabError(f"batch_size must be ≥ 1, got {batch_size}")
+    ids = [encode_prompt(tokenizer, t) for t in texts]
+    for t, x in zip(texts, ids):
+        if not x:
+            raise RotelabError(f"prompt {t!r} tokenizes to nothing")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        seq = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), seq), dtype=torch.long)
+        for b, i in enumerate(rows):
+            input_ids[b, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+            mask[b, : len(ids[i])] = 1
+        positions = torch.arange(seq, dtype=torch.long).expand(len(rows), seq).contiguous()
+        last = torch.tensor([len(ids[i]) - 1 for i in rows], dtype=torch.long)
+        out.append(_Batch(np.asarray(rows), input_ids, mask, positions, last))
+    return out
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int, where: str) -> list[int]:
+    """Sorted unique layers, all in ``0..n_layers``; None means all."""
+    if layers is None:
+        return list(range(n_layers + 1))
+    bad = [int(x) for x in layers if not 0 <= int(x) <= n_layers]
+    if bad:
+        raise RotelabError(f"{where}: layer {bad[0]} is out of range (this model has layers 0..{n_layers})")
+    out = sorted({int(x) for x in layers})
+    if not out:
+        raise RotelabError(f"{where}: no layers selected")
+    return out
+
+
+def _input_device(parts: DecoderParts) -> torch.device:
+    emb = parts.decoder.get_input_embeddings() if hasattr(parts.decoder, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(parts.decoder.parameters()).device
+
+
+def capture_into(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    hidden_out: np.ndarray,
+    final_out: np.ndarray,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Fill ``hidden_out [len(layers), len(texts), hidden]`` and ``final_out [len(texts), hidden]``
+    (any float dtype) with the last prompt token's states; ``on_batch(n)`` after each batch."""
+    parts = decoder_parts(model)
+    layers = [int(x) for x in layers]
+    if layers and (check_layers(layers, parts.n_layers, type(model).__name__) != layers):
+        raise RotelabError(f"capture_into: layers must be unique and ascending, got {layers}")
+    wrapped = wrap(parts)
+    device = _input_device(parts)
+    for batch in make_batches(tokenizer, texts, batch_size):
+        h, f = trace_last_token(
+            wrapped,
+            parts,
+            layers,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.position_ids.to(device),
+            batch.last.to(device),
+        )
+        if len(layers):
+            hidden_out[:, batch.rows] = h.numpy()
+        final_out[batch.rows] = f.numpy()
+        if on_batch is not None:
+            on_batch(len(batch.rows))
+
+
+def capture_hidden(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden states of the last prompt token of each text.
+
+    Returns ``(hidden float32 [layer, item, hidden], final_norm float32 [item, hidden])`` where the
+    layer axis follows ``layers`` sorted ascending (default: all, ``0..n_layers``; 0 = embedding
+    output, i = raw output of block i) and ``final_norm`` is the final normalization's output.
+    """
+    parts = decoder_parts(model)
+    layers = check_layers(layers, parts.n_layers, type(model).__name__)
+    hidden = np.empty((len(layers), len(texts), parts.hidden), dtype=np.float32)
+    final = np.empty((len(texts), parts.hidden), dtype=np.float32)
+    if texts:
+        capture_into(model, tokenizer, texts, layers, hidden, final, batch_size)
+    return hidden, final
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def shard_from_env() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` when a launcher (torchrun, deepspeed) set them for several processes."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return (rank, world) if world > 1 else None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 ≤ i < n``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise RotelabError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise RotelabError(f"--shard {text!r}: need 0 ≤ i < n")
+    return i, n
+
+
+def _device(spec: str) -> str:
+    if spec != "auto":
+        return spec
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(1, torch.cuda.device_count())}"
+    return "cpu"
+
+
+def load_checkpoint(path: Path, dtype: str, device: str = "auto", device_map: str | None = None):
+    """``(model, tokenizer)`` of a checkpoint folder, on ``device`` or sharded by ``device_map``."""
+    from rotelab.models import _from_pretrained, load_model, load_tokenizer
+
+    if device_map is None:
+        return load_model(path, dtype, _device(device))
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, Path(path), dtype=_DTYPES[dtype], device_map=device_map)
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def _model_shape(run, entries: Sequence[CheckpointEntry]) -> tuple[int, int]:
+    """``(n_layers, hidden)`` from the config.json of the first checkpoint whose weights exist."""
+    import json
+
+    for e in entries:
+        if e.path is None:
+            continue
+        p = run.root / e.path / "config.json"
+        if p.is_file():
+            try:
+                cfg = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise RotelabError(f"{p}: unreadable model config ({err})") from None
+            cfg = cfg.get("text_config", cfg)
+            n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+            h = cfg.get("hidden_size", cfg.get("n_embd"))
+            if n is None or h is None:
+                raise RotelabError(f"{p}: no num_hidden_layers/hidden_size")
+            return int(n), int(h)
+    raise RotelabError(f"{run.index_path}: no checkpoint folder with a config.json (missing checkpoints?)")
+
+
+@dataclass
+class _KindWork:
+    kind: str
+    group: object  # rotelab.store.KindGroup
+    item_ids: np.ndarray  # ids to capture (all, or the requested subset present in the kind)
+    positions: np.ndarray  # their positions in the kind's item table
+    texts: list[str]
+    n_items: int
+    subset: bool
+    has_coverage: bool = False  # whether the kind has a capture_coverage array (ever captured partially)
+
+
+@dataclass
+class _Todo:
+    entry: CheckpointEntry
+    layers: dict[str, list[int]] = field(default_factory=dict)  # kind -> layers to (re)write
+    final: dict[str, bool] = field(default_factory=dict)  # kind -> final norm to (re)write
+
+    def kinds(self) -> list[str]:
+        return [k for k in self.layers if self.layers[k] or self.final[k]]
+
+
+def _nan_rows(x: np.ndarray) -> np.ndarray:
+    return np.isnan(x).any(axis=-1)
+
+
+def _plan(work: _KindWork, entries: Sequence[CheckpointEntry], layers: list[int]) -> dict[str, tuple[list[int], bool]]:
+    """checkpoint id → (layers to write, final norm to write) for one kind."""
+    kg = work.group
+    cps = kg.checkpoints
+    committed = kg.committed("activations")
+    final_committed = kg.committed("final_norm")
+    partial_store = work.has_coverage = COVERAGE in kg.derived_arrays()
+    coverage = kg.read_derived(COVERAGE) if partial_store else None
+    out: dict[str, tuple[list[int], bool]] = {}
+    for e in entries:
+        ci = cps.index(e.id)
+        todo = []
+        for layer in layers:
+            done = bool(committed[ci, layer])
+            if done and coverage is not None and coverage[ci, layer] < 1.0:  # a partial slab
+                done = work.subset and not _nan_rows(kg.read_slab(e.id, layer)[work.positions]).any()
+            if not done:
+                todo.append(layer)
+        final_done = bool(final_committed[ci])
+        if final_done and (work.subset or partial_store):
+            fn = kg.read_final_norm(checkpoints=[e.id])[0]
+            final_done = not _nan_rows(fn[work.positions] if work.subset else fn).any()
+        out[e.id] = (todo, not final_done)
+    return out
+
+
+def _write_slab(work: _KindWork, ckpt: str, layer: int, rows: np.ndarray) -> None:
+    """Write the captured ``rows [selected item, hidden]`` as slab (ckpt, layer), partial or full."""
+    kg = work.group
+    if not work.subset:
+        kg.write_slab(ckpt, layer, rows)
+        if work.has_coverage:
+            cov = kg.read_derived(COVERAGE, checkpoints=[ckpt], layers=[layer])[0, 0]
+            if not np.isnan(cov) and cov < 1.0:
+                kg.write_derived(COVERAGE, ("checkpoint", "layer"), np.float32(1.0), index={"checkpoint": ckpt, "layer": layer})
+        return
+    slab = (
+        kg.read_slab(ckpt, layer)
+        if kg.is_committed("activations", ckpt, layer)
+        else np.full((work.n_items, rows.shape[-1]), np.nan, np.float32)
+    )
+    slab[work.positions] = rows
+    frac = float(1.0 - _nan_rows(slab).mean())
+    if frac < 1.0:  # record the partial slab before it exists, so no full capture trusts it
+        kg.write_derived(COVERAGE, ("checkpoint", "layer"), np.float32(frac), index={"checkpoint": ckpt, "layer": layer})
+        work.has_coverage = True
+    kg.write_slab(ckpt, layer, slab)
+    if frac == 1.0 and work.has_coverage:
+        kg.write_derived(COVERAGE, ("checkpoint", "layer"), np.float32(1.0), index={"checkpoint": ckpt, "layer": layer})
+
+
+def _write_final(work: _KindWork, ckpt: str, rows: np.ndarray) -> None:
+    kg = work.group
+    if not work.subset:
+        kg.write_final_norm(ckpt, rows)
+        return
+    cur = kg.read_final_norm(checkpoints=[ckpt])[0]  # NaN where uncommitted
+    cur[work.positions] = rows
+    kg.write_final_norm(ckpt, cur)
+
+
+def _disk_error(err: OSError, store_path: Path, what: str) -> RotelabError:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return RotelabError(
+        f"{store_path}: cannot write {what} ({reason}); committed slabs are kept, rerun capture to resume"
+    )
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1024 or unit == "TB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TB"
+
+
+def capture_run(
+    run,
+    *,
+    checkpoints: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    items: Sequence[int] | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> None:
+    """Capture hidden states of ``run`` into ``run.store_path`` (see the module docstring).
+
+    ``checkpoints`` (ids), ``kinds``, ``layers`` default to the config's ``capture`` section, then
+    to everything. ``items``: item ids to capture in each kind (ids a kind lacks are skipped);
+    default all. ``shard=(i, n)``: take only the selected checkpoints whose position ``% n == i``
+    (default: ``RANK``/``WORLD_SIZE`` from a launcher's environment). Committed slabs are skipped;
+    everything else is (re)written, one ``(checkpoint, layer)`` slab at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from rotelab.store import Store
+
+    cfg = run.config.capture
+    entries = run.checkpoints()
+    if not entries:
+        raise RotelabError(f"{run.index_path}: the run has no checkpoints yet (run `rotelab train` first)")
+    if checkpoints is not None:
+        wanted = {run.checkpoint(c).id for c in checkpoints}  # unknown ids raise
+        selected = [e for e in entries if e.id in wanted]
+    else:
+        selected = list(entries)
+    if shard is None:
+        shard = shard_from_env()
+    if shard is not None:
+        i, n = shard
+        if n < 1 or not 0 <= i < n:
+            raise RotelabError(f"shard {i}/{n}: need 0 ≤ i < n")
+        selected = [e for k, e in enumerate(selected) if k % n == i]
+
+    kind_names = list(dict.fromkeys(kinds if kinds is not None else (cfg.kinds or run.kinds())))
+    if not kind_names:
+        raise RotelabError(f"{run.config_path}: no prompt kinds selected for capture")
+    n_layers, hidden = _model_shape(run, entries)
+    layer_list = check_layers(layers if layers is not None else cfg.layers, n_layers, str(run.config_path))
+
+    tables = {kind: run.items(kind) for kind in kind_names}  # unknown kinds raise
+    for kind, table in tables.items():
+        if len(table) == 0:
+            raise RotelabError(
+                f"{run.data_dir}: prompt kind {kind!r} has no items (check data.templates_per_kind and the relations' templates)"
+            )
+    store = Store.open(run.store_path, fingerprint=run.fingerprint())
+    all_ids = [e.id for e in entries]
+    works: list[_KindWork] = []
+    try:
+        for kind, table in tables.items():
+            kg = store.ensure_kind(kind, checkpoints=all_ids, layers=list(range(n_layers + 1)), items=table, hidden=hidden)
+            ids = table["item"].to_numpy()
+            if items is None:
+                pos = np.arange(len(ids))
+            else:
+                want = set(int(x) for x in items)
+                pos = np.asarray([k for k, v in enumerate(ids.tolist()) if v in want], dtype=np.int64)
+                if len(pos) == 0:
+                    raise RotelabError(f"{run.root}: none of the requested items exist in kind {kind!r} (item ids 0..{len(ids) - 1})")
+            works.append(
+                _KindWork(kind, kg, ids[pos], pos, [str(t) for t in table["text"].to_numpy()[pos]], len(ids), items is not None)
+            )
+    except OSError as err:
+        raise _disk_error(err, run.store_path, "the store layout") from None
+
+    todos = [_Todo(e) for e in selected]
+    for w in works:
+        plan = _plan(w, selected, layer_list)
+        for t in todos:
+            t.layers[w.kind], t.final[w.kind] = plan[t.entry.id]
+    todos = [t for t in todos if t.kinds()]
+    by_kind = {w.kind: w for w in works}
+
+    n_items = sum(len(w.positions) for w in works)
+    total = n_items * len(layer_list) * hidden * len(selected) * 2
+    todo_bytes = sum(len(by_kind[k].positions) * len(t.layers[k]) * hidden * 2 for t in todos for k in t.kinds())
+    if progress:
+        print(
+            f"capture{f' [shard {shard[0]}/{shard[1]}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
+            f" × {hidden} hidden × 2 bytes ≈ {_human(total)} of activations; {_human(todo_bytes)} still to write"
+            f" ({len(todos)} checkpoints) in {store.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not todos:
+        return
+    for t in todos:  # fail before any work if a needed checkpoint's weights are gone
+        run.checkpoint_dir(t.entry)
+
+    bar = tqdm(
+        total=sum(len(by_kind[k].positions) for t in todos for k in t.kinds()),
+        unit="item",
+        desc="capture",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    dtype = run.config.model.dtype
+    try:
+        for t in todos:
+            model, tok = load_checkpoint(run.checkpoint_dir(t.entry), dtype, cfg.device, cfg.device_map)
+            parts = decoder_parts(model)
+            if parts.hidden != hidden or parts.n_layers != n_layers:
+                raise RotelabError(
+                    f"{run.checkpoint_dir(t.entry)}: model shape {parts.n_layers} layers × {parts.hidden} differs from the series' "
+                    f"{n_layers} × {hidden}"
+                )
+            for kind in t.kinds():
+                w = by_kind[kind]
+                bar.set_postfix_str(f"{t.entry.id} {kind}", refresh=False)
+                todo_layers = t.layers[kind]
+                h = np.empty((len(todo_layers), len(w.texts), hidden), dtype=np.float32)
+                f = np.empty((len(w.texts), hidden), dtype=np.float32)
+                capture_into(model, tok, w.texts, todo_layers, h, f, cfg.batch_size, on_batch=bar.update)
+                for li, layer in enumerate(todo_layers):
+                    what = f"slab ({t.entry.id}, layer {layer}) of kind {kind!r}"
+                    try:
+                        _write_slab(w, t.entry.id, layer, h[li])
+                    except OSError as err:
+                        raise _disk_error(err, run.store_path, what) from None
+                if t.final[kind]:
+                    try:
+                        _write_final(w, t.entry.id, f)
+                    except OSError as err:
+                        raise _disk_error(err, run.store_path, f"final_norm of {t.entry.id!r}, kind {kind!r}") from None
+            del model
+    finally:
+        bar.close()
