@@ -1,0 +1,192 @@
+"""Browser latency: time from a layer/checkpoint key press to repainted panels.
+
+Store: 25 checkpoints × 31 layers × 5,000 items (kind ``train``: 5 relations × 100 facts × 10
+templates) with ``proj_pca`` [checkpoint, layer, item, 2], ΔCosSim, metrics and the alignment and
+patching tables (no activations: the browser never reads them). The app runs headless
+(``App.run_test``); a press counts as done when the scatter shows the new slab and every panel has
+been re-rendered by the compositor (headless skips only the terminal write).
+
+Baseline in the same invocation: the raw store read of the same slab (``KindGroup.read_derived``
+of one [item, 2] slab, fresh handle, no cache) — the floor any browser pays per step.
+
+    .venv/bin/python benchmarks/bench_tui.py [--presses 80] [--keep DIR]
+
+Target: p95 ≤ 100 ms for cold slabs (each press lands on a slab not read before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from textual import events
+
+from rotelab.store import Store
+from rotelab.tui import RotelabApp
+from rotelab.tui.demo import DemoSpec, make_demo_run
+from rotelab.tui.main_screen import MainScreen
+from rotelab.tui.widgets import LayerBar, LinePlot, ScatterPlot, Timeline
+
+SPEC = DemoSpec(
+    relations=("author", "capital", "educated_at", "genre", "mother"),
+    facts_per_relation=100,
+    templates_per_kind=None,
+    languages=("de",),
+    phase1_epochs=20,
+    phase2_epochs=4,
+    k=20,
+    layers=30,
+    kinds=("train",),
+    methods=("pca",),
+    joint=False,
+    cellwise=False,
+)
+
+
+def build(root: Path) -> float:
+    t = time.perf_counter()
+    make_demo_run(root, SPEC)
+    return time.perf_counter() - t
+
+
+def snake(n_ckpt: int, n_layer: int, start: tuple[int, int], presses: int) -> list[str]:
+    """Keys that walk up/down the layers and step checkpoints at the ends: every press lands on a
+    slab not visited before."""
+    keys, (c, l), d = [], start, 1
+    while len(keys) < presses:
+        if 0 <= l + d < n_layer:
+            keys.append("up" if d > 0 else "down")
+            l += d
+        else:
+            if c - 1 < 0:
+                break
+            keys.append("left")
+            c -= 1
+            d = -d
+    return keys
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000, q))
+
+
+async def drive(root: Path, presses: int, prefetch: bool) -> tuple[list[float], list[float], list[float], list[tuple[str, int]]]:
+    """(wall s per press on new slabs, wall s per press on cached slabs, process CPU s per press, slabs)."""
+    MainScreen.PREFETCH = prefetch
+    app = RotelabApp(root, export_dir=root / "figs")
+    cold: list[float] = []
+    warm: list[float] = []
+    cpu: list[float] = []
+    visited: list[tuple[str, int]] = []
+    async with app.run_test(size=(160, 50)) as pilot:
+        for _ in range(3):
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+        s = app.screen
+        assert isinstance(s, MainScreen)
+        panels = [s.query_one(ScatterPlot), s.query_one(Timeline), s.query_one(LayerBar), *s.query(LinePlot)]
+
+        async def press(key: str, out: list[float]) -> None:
+            before = [s.slab_request()]
+            t0, c0 = time.perf_counter(), time.process_time()
+            # the path a terminal key takes: driver -> app queue -> bindings (Pilot.press would
+            # add its own idle waits to the measurement)
+            ev = events.Key(key, None)
+            ev.set_sender(app)
+            app._driver.send_message(ev)
+            while s.slab_request() == before[0]:
+                await asyncio.sleep(0.0005)
+            req = s.slab_request()
+            want = (req.checkpoint, req.layer)
+            sc = panels[0]
+            while not (sc.view_key is not None and sc.view_key[:2] == want and all(p.painted_version == p.version for p in panels)):
+                await asyncio.sleep(0.0005)
+            out.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            visited.append(want)
+            await app.workers.wait_for_complete()  # prefetch (if any) finishes before the next press
+
+        keys = snake(len(s.positions()), len(s.snap.layers), (s.ckpt, s.layer_index), presses)
+        for k in keys:
+            await press(k, cold)
+        back = {"up": "down", "down": "up", "left": "right"}
+        for k in reversed(keys[-20:]):  # revisit: slabs now in the cache
+            await press(back[k], warm)
+    return cold, warm, cpu[: len(cold)], visited
+
+
+def raw_reads(root: Path, slabs: list[tuple[str, int]]) -> list[float]:
+    out = []
+    for c, layer in slabs:
+        t0 = time.perf_counter()
+        g = Store.open(root / "store.zarr", mode="r").kind("train")
+        g.read_derived("proj_pca", checkpoints=[c], layers=[layer])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def fast_reads(root: Path, slabs: list[tuple[str, int]]) -> list[float]:
+    from rotelab.tui.data import RunData
+
+    data = RunData.open(root)
+    data.load()
+    data.projection("train", "proj_pca", slabs[-1][0], slabs[-1][1])  # opens the dataset once
+    out = []
+    for c, layer in slabs:
+        t0 = time.perf_counter()
+        data._read_projection("train", "proj_pca", c, layer)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presses", type=int, default=80)
+    ap.add_argument("--keep", type=Path, default=None, help="build/reuse the store here instead of a temp dir")
+    args = ap.parse_args()
+    tmp = None
+    if args.keep is not None:
+        root = args.keep
+        built = 0.0 if (root / "store.zarr").is_dir() else build(root)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-tui-"))
+        root = tmp / "bench"
+        built = build(root)
+    try:
+        g = Store.open(root / "store.zarr", mode="r").kind("train")
+        print(f"store: {len(g.checkpoints)} checkpoints × {len(g.layers)} layers × {g.n_items} items (built in {built:.1f} s)")
+        cold, warm, cpu, visited = asyncio.run(drive(root, args.presses, prefetch=False))
+        pre, _, cpu_pre, _ = asyncio.run(drive(root, args.presses, prefetch=True))
+        raw = raw_reads(root, visited[: len(cold)])
+        fast = fast_reads(root, visited[: len(cold)])
+
+        def line(what: str, xs: list[float]) -> None:
+            print(f"{what:<52} median {pct(xs, 50):6.1f} ms  p95 {pct(xs, 95):6.1f} ms  (n={len(xs)})")
+
+        line("baseline: raw store read of the slab (read_derived)", raw)
+        line("browser's slab read (is_committed + chunk)", fast)
+        line("key press → repainted, every slab new (no prefetch)", cold)
+        line("  process CPU per press (app + workers)", cpu)
+        line("key press → repainted, revisited (cached) slabs", warm)
+        line("key press → repainted, with neighbour prefetch", pre)
+        line("  process CPU per press (app + workers + prefetch)", cpu_pre)
+        print(f"ratio p95 press (no prefetch) / p95 raw read: {pct(cold, 95) / pct(raw, 95):.2f}×")
+        print(f"target p95 ≤ 100 ms: no prefetch {'met' if pct(cold, 95) <= 100 else 'NOT met'}, "
+              f"with prefetch {'met' if pct(pre, 95) <= 100 else 'NOT met'}")
+        try:
+            print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        except OSError:
+            pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
