@@ -91,6 +91,9 @@ class Phase2Config(_Section):
     repurpose: dict[str, str] = Field(default_factory=dict)
     """Repurposing experiment (paper §7): ``{key relation: template relation}`` teaches the key
     token of the first relation the train templates of the second."""
+    kind: Literal["train", "reverse"] = "train"
+    """Which templates phase 2 trains on: the relations' ``train`` templates, or (reversal
+    experiment, paper Appendix G.1) their ``reverse`` templates, which ask for the subject."""
 
 
 class BaselinesConfig(_Section):
@@ -106,6 +109,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_length: int = Field(64, ge=8)
+    """Longest training sequence in tokens; a longer one is an error (never silently cut)."""
 
 
 class EvalConfig(_Section):
@@ -115,7 +119,11 @@ class EvalConfig(_Section):
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    """vLLM: fraction of GPU memory (on CPU: of host memory) the engine reserves."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM: GPUs one engine spans (for models that need several)."""
+    prefix_caching: bool = True
+    """vLLM: automatic prefix caching for MC scoring (the options of a prompt share its cached blocks)."""
 
 
 class CaptureConfig(_Section):
@@ -138,6 +146,22 @@ class AnalysesConfig(_Section):
     reference_checkpoint: str | None = None
     """Reference for ΔSimilarity of the key-token drift (default: the last phase-1 checkpoint)."""
     patching: bool = False
+    projection_fit_on: str = "per-slab"
+    """``per-slab`` (each checkpoint × layer fitted on its own) or a checkpoint id whose slab of the
+    same layer the projection is fitted on and then applied to every checkpoint."""
+    joint_kinds: list[str] = Field(default_factory=lambda: ["key", "train", "test"])
+    """Kinds projected into one shared space (``proj_pca_joint`` in each of their groups)."""
+    umap_layers: list[int] | None = None
+    """Layers UMAP is computed for (slow); default: the last layer only. PCA covers all layers."""
+    patching_source_kind: str = "key"
+    patching_target_kind: str = "test"
+    patching_items_per_relation: int = Field(4, ge=1)
+    """Held-out target items per relation in the configured patching sweep."""
+    patching_checkpoints: list[str] | None = None
+    """Checkpoints of the sweep (default: every main-series checkpoint whose weights are kept)."""
+    patching_layers: list[int] | None = None
+    """Layers of the sweep (default: all, 0 = embeddings)."""
+    patching_metric: Literal["object_logprob", "object_prob", "first_token_logprob"] = "object_logprob"
 
 
 class Config(_Section):
@@ -266,6 +290,7 @@ NON_RESULT_KEYS = frozenset(
         "eval.engine",
         "eval.gpu_memory_utilization",
         "eval.tensor_parallel_size",
+        "eval.prefix_caching",
         "eval.kinds",
         "capture.batch_size",
         "capture.kinds",
@@ -275,6 +300,15 @@ NON_RESULT_KEYS = frozenset(
         "analyses.projections",
         "analyses.patching",
         "analyses.reference_checkpoint",
+        "analyses.projection_fit_on",
+        "analyses.joint_kinds",
+        "analyses.umap_layers",
+        "analyses.patching_source_kind",
+        "analyses.patching_target_kind",
+        "analyses.patching_items_per_relation",
+        "analyses.patching_checkpoints",
+        "analyses.patching_layers",
+        "analyses.patching_metric",
         "train.keep_weights",
         "train.deepspeed",
     }

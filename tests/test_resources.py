@@ -12,7 +12,7 @@ import yaml
 RES = Path(__file__).parents[1] / "rotelab" / "resources"
 POOLS = RES / "pools"
 
-RELATIONS = {"author", "capital", "educated_at", "genre", "mother"}
+RELATIONS = {"author", "capital", "educated_at", "genre", "mother", "employer"}
 SUBJECT_TYPES = {"book", "country", "person", "work"}
 EXPECTED = {
     "author": ("book", "authors"),
@@ -20,9 +20,10 @@ EXPECTED = {
     "educated_at": ("person", "universities"),
     "genre": ("work", "genres"),
     "mother": ("person", "women"),
+    "employer": ("person", "companies"),  # target of the repurposing experiment
 }
 LANGS = ("de", "es", "zh", "ja")
-POOL_MIN = {"authors": 150, "cities": 150, "universities": 150, "genres": 120, "women": 150}
+POOL_MIN = {"authors": 150, "cities": 150, "universities": 150, "genres": 120, "women": 150, "companies": 120}
 # Letters (ASCII or Latin with accents), digits are not names; allow space . ' - between.
 POOL_ENTRY = re.compile(r"^[A-Za-z\u00C0-\u024F][A-Za-z\u00C0-\u024F .'\-]*$")
 

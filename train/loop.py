@@ -1,0 +1,285 @@
+"""One training stage (phase 1, phase 2 or a baseline) on the DeepSpeed engine, saving its points
+into the series and resuming from the last complete one.
+
+Batching: ``batch_size`` examples per optimizer step (the effective batch, over all ranks and
+accumulation steps); each step's examples are split into ``grad_accum × world`` micro-batches.
+The example order of epoch ``e`` is a pure function of (seed, stage, e) (:func:`epoch_order`), so
+a resumed process — and every rank — continues the same order. The loss of a step is the mean over
+its labelled target tokens (exactly, across micro-batches and ranks).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rotelab.checkpoints import CheckpointEntry, read_index
+from rotelab.errors import RotelabError
+from rotelab.run import Run
+from rotelab.train import engine as eng
+from rotelab.train import series
+from rotelab.train.data import Example, collate, epoch_order, micro_slices, step_plan
+
+LOSS_FIELDS = ("stage", "step", "epoch", "loss", "lr", "tokens_seen", "seconds")
+
+
+@dataclass
+class Stage:
+    """What one stage trains: its examples, optimisation settings, and where it starts."""
+
+    name: str
+    """``phase1``, ``phase2`` or ``sft`` (also the entries' ``phase``)."""
+    prefix: str
+    """Checkpoint id prefix: ``p1``, ``p2``, ``sft``."""
+    series: str
+    examples: list[Example]
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    grad_accum: int
+    save_every: int | str
+    start_dir: Path
+    """Weights (and tokenizer) the stage starts from."""
+    protected: set[str] = field(default_factory=set)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def plan_points(stage: Stage) -> list[tuple[str, int]]:
+    """``[(checkpoint id, optimizer step after which it is saved)]``: every epoch (``p1-e01``…) or
+    every ``save_every`` steps plus the last step (``p1-s000120``…)."""
+    spe, total = stage.steps_per_epoch, stage.total_steps
+    if stage.save_every == "epoch":
+        return [(f"{stage.prefix}-e{e:02d}", e * spe) for e in range(1, stage.epochs + 1)]
+    n = int(stage.save_every)
+    steps = list(range(n, total + 1, n))
+    if total and (not steps or steps[-1] != total):
+        steps.append(total)
+    return [(f"{stage.prefix}-s{s:06d}", s) for s in steps]
+
+
+def _resume_dir(run: Run, stage: Stage) -> Path:
+    return run.checkpoints_dir / ".resume" / stage.name
+
+
+def _drop_resume_state(run: Run, stage: Stage) -> None:
+    """A finished stage needs no optimizer state any more (its last point's weights are listed)."""
+    d = _resume_dir(run, stage)
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        d.parent.rmdir()  # only when no other stage's state is left
+    except OSError:
+        pass
+
+
+def _loss_log(run: Run) -> Path:
+    return run.logs_dir / "train_loss.csv"
+
+
+def _truncate_loss_log(run: Run, stage: str, after_step: int) -> None:
+    """Drop the rows of ``stage`` with step > ``after_step`` (written after the point we resume from)."""
+    path = _loss_log(run)
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [r for r in rows if not (r.get("stage") == stage and int(r.get("step", 0)) > after_step)]
+    if len(keep) == len(rows):
+        return
+    from rotelab.facts import atomic_write_text
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(LOSS_FIELDS))
+    w.writeheader()
+    w.writerows(keep)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _append_loss(run: Run, row: dict) -> None:
+    path = _loss_log(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(LOSS_FIELDS))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _gather_state_dict(engine, zero_stage: int):
+    """The full state dict on rank 0 (ZeRO-3 gathers the partitioned weights; all ranks call)."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None) -> list[CheckpointEntry]:
+    """Train ``stage`` to its end, saving every planned point; resume from its last listed point.
+
+    Returns the stage's entries. ``after_save(entry)`` is called on rank 0 after each new entry.
+    """
+    from tqdm.auto import tqdm
+
+    points = plan_points(stage)
+    if not points:
+        return []
+    listed = {e.id: e for e in read_index(run.index_path)}
+    done = [(pid, s) for pid, s in points if pid in listed]
+    if len(done) == len(points):
+        if eng.rank() == 0:
+            _drop_resume_state(run, stage)
+        return [listed[pid] for pid, _ in points]
+    if not stage.examples:
+        raise RotelabError(f"{run.root}: stage {stage.name} has no training examples")
+
+    cfg = run.config
+    _, ds_cfg = eng.resolve_ds_config(cfg.train.deepspeed)
+    zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+    world = eng.world_size() if _dist_ready() else 1
+    model, tok = eng.load_for_training(stage.start_dir)
+    parts = stage.grad_accum * world
+    micro = math.ceil(stage.batch_size / parts)
+    engine = eng.make_engine(
+        model, ds_cfg, lr=stage.lr, weight_decay=stage.weight_decay, micro_batch=micro, grad_accum=stage.grad_accum,
+        total_steps=stage.total_steps, schedule=cfg.train.lr_schedule, warmup_ratio=cfg.train.warmup_ratio,
+    )
+    world, rank = eng.world_size(), eng.rank()
+    parts = stage.grad_accum * world
+    start_step, tokens_seen = 0, 0
+    if done:
+        last_id, start_step = done[-1]
+        tokens_seen = listed[last_id].tokens_seen
+        rdir = _resume_dir(run, stage)
+        if not (rdir / last_id).is_dir():
+            raise RotelabError(f"{rdir / last_id}: resume state of checkpoint {last_id!r} is missing; cannot continue stage {stage.name}")
+        _, client = engine.load_checkpoint(str(rdir), tag=last_id, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None or client.get("step") != start_step:
+            raise RotelabError(f"{rdir / last_id}: resume state does not match checkpoint {last_id!r}")
+        _set_rng_state(client["rng"])
+    if rank == 0:
+        _truncate_loss_log(run, stage.name, start_step)
+    save_at = {s: pid for pid, s in points}
+    n = len(stage.examples)
+    spe = stage.steps_per_epoch
+    step_slices = step_plan(n, stage.batch_size)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dtype = cfg.model.dtype
+    bar = tqdm(total=stage.total_steps, initial=start_step, desc=stage.name, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    seg_loss, seg_steps = 0.0, 0
+    t0, tok_count = time.perf_counter(), 0
+    entries: list[CheckpointEntry] = []
+    order: list[int] = []
+    order_epoch = -1
+    for step in range(start_step, stage.total_steps):
+        epoch, j = divmod(step, spe)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, cfg.seed, stage.name, epoch), epoch
+        a, b = step_slices[j]
+        step_ex = [stage.examples[i] for i in order[a:b]]
+        n_targets = sum(e.n_targets for e in step_ex)
+        scale = parts / max(1, n_targets)
+        loss_sum = 0.0
+        for m in range(stage.grad_accum):
+            lo, hi = micro_slices(len(step_ex), parts)[m * world + rank]
+            mb = step_ex[lo:hi]
+            batch = collate(mb if mb else step_ex[:1], pad_id)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss, _ = eng.step_loss(engine, batch, scale if mb else 0.0)
+            engine.backward(loss)
+            engine.step()
+            if mb:
+                loss_sum += float(loss.detach()) / scale
+                tok_count += int(batch["attention_mask"].sum())
+        step_loss = _all_reduce_sum(loss_sum) / max(1, n_targets)
+        step_tokens = sum(len(e.input_ids) for e in step_ex)
+        tokens_seen += step_tokens
+        seg_loss += step_loss
+        seg_steps += 1
+        lr = engine.get_lr()[0]
+        if rank == 0:
+            _append_loss(run, {"stage": stage.name, "step": step + 1, "epoch": f"{(step + 1) / spe:.4f}", "loss": f"{step_loss:.6f}",
+                               "lr": f"{lr:.3e}", "tokens_seen": tokens_seen, "seconds": f"{time.perf_counter() - t0:.2f}"})
+        bar.update(1)
+        bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{step_loss:.4f}", tok_s=f"{tok_count * world / max(1e-9, time.perf_counter() - t0):.0f}")
+        if step + 1 in save_at:
+            pid = save_at[step + 1]
+            entry = CheckpointEntry(
+                id=pid, phase=stage.name, epoch=round((step + 1) / spe, 4), step=step + 1, tokens_seen=tokens_seen,
+                loss=round(seg_loss / seg_steps, 6), path=None, series=stage.series,
+            )
+            entry = _save_point(run, stage, engine, tok, entry, zero_stage, dtype)
+            entries.append(entry)
+            if rank == 0 and after_save is not None:
+                after_save(entry)
+            seg_loss, seg_steps = 0.0, 0
+    bar.close()
+    if rank == 0:
+        _drop_resume_state(run, stage)
+    eng.barrier()
+    listed = {e.id: e for e in read_index(run.index_path)}
+    return [listed[pid] for pid, _ in points]
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(x: float) -> float:
+    import torch.distributed as dist
+
+    if not _dist_ready() or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _save_point(run: Run, stage: Stage, engine, tok, entry: CheckpointEntry, zero_stage: int, dtype: str) -> CheckpointEntry:
+    """Resume state → weights folder → index entry → cleanup (see :mod:`rotelab.train.series`)."""
+    from dataclasses import replace
+
+    rank = eng.rank()
+    rdir = _resume_dir(run, stage)
+    try:
+        engine.save_checkpoint(str(rdir), tag=entry.id, client_state={"step": entry.step, "rng": _rng_state()}, save_latest=False)
+    except OSError as err:
+        raise RotelabError(f"{rdir}: cannot save the resume state of {entry.id!r} ({err.strerror or err}); existing checkpoints are untouched") from None
+    sd = _gather_state_dict(engine, zero_stage)
+    if rank == 0:
+        path = series.write_checkpoint_folder(run, entry.id, lambda d: series.save_weights(engine.module, tok, d, dtype, sd))
+        entry = replace(entry, path=path)
+        series.append_entry(run, entry)
+        for old in rdir.iterdir():
+            if old.is_dir() and old.name != entry.id:
+                shutil.rmtree(old, ignore_errors=True)
+        series.prune_weights(run, run.config.train.keep_weights, stage.protected)
+    eng.barrier()
+    return entry

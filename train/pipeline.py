@@ -1,0 +1,235 @@
+"""The train stage of a run: base checkpoint (with key tokens) → phase 1 → phase 2 → baselines.
+
+Every step does only what is missing, so ``train_run`` resumes a killed run. Series:
+
+* ``main``: ``base``, ``p1-e01``…, ``p2-e01``… (phase 2 starts from ``phase2.start``);
+* ``sft`` (``baselines.sft``): ``sft-e01``… trained on the phase-2 data directly from ``base``.
+
+The index's extra fields record ``model`` (the config's model name), ``key_token_ids``
+(``{token: id}``), ``phase1_key`` (see :func:`phase1_key`) and ``phase2_start``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from rotelab.checkpoints import CheckpointEntry, read_index
+from rotelab.config import Config
+from rotelab.errors import RotelabError
+from rotelab.run import Run
+from rotelab.train import engine as eng
+from rotelab.train import series
+from rotelab.train.data import make_examples, phase1_texts, phase2_texts
+from rotelab.train.loop import Stage, plan_points, run_stage
+
+
+def phase1_key(config: Config) -> str:
+    """A hash of everything that determines the base checkpoint and phase 1: model, data, seed,
+    phase1 and train settings (``train.keep_weights`` and ``train.deepspeed`` excluded, as for
+    :data:`rotelab.config.NON_RESULT_KEYS`). Sibling runs with equal keys can share phase 1
+    (:func:`import_phase1`)."""
+    d = config.model_dump(mode="json")
+    train = {k: v for k, v in d["train"].items() if k not in ("keep_weights", "deepspeed")}
+    payload = {"model": d["model"], "data": d["data"], "seed": d["seed"], "phase1": d["phase1"], "train": train}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rank() -> int:
+    return eng.rank() if _dist_ready() else int(os.environ.get("RANK", "0"))
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_model(run: Run) -> None:
+    """The run's existing checkpoints must come from the configured model."""
+    extra = series.read_extra(run)
+    have = extra.get("model")
+    if run.index_path.is_file() and read_index(run.index_path) and have is not None and have != run.config.model.name:
+        raise RotelabError(
+            f"{run.index_path}: the run's checkpoints were trained from model {have!r}, the config asks for {run.config.model.name!r}; use another --run directory"
+        )
+
+
+def ensure_base_checkpoint(run: Run) -> CheckpointEntry:
+    """Checkpoint 0 (``base``): the configured model with the key tokens added (phase1 mode ``key``),
+    saved in ``model.dtype``. Written once; later calls check it and return its entry."""
+    from rotelab.models import add_key_tokens, load_model
+
+    run.ensure_data()
+    _check_model(run)
+    existing = {e.id: e for e in read_index(run.index_path)}
+    if "base" in existing:
+        return existing["base"]
+    cfg = run.config
+    if _rank() == 0:
+        model, tok = load_model(cfg.model.name, "float32")
+        tokens = list(run.key_tokens().values()) if cfg.phase1.mode == "key" else []
+        ids = add_key_tokens(model, tok, tokens, cfg.model.key_token_init, cfg.seed) if tokens else {}
+        path = series.write_checkpoint_folder(run, "base", lambda d: series.save_weights(model, tok, d, cfg.model.dtype))
+        entry = CheckpointEntry(id="base", phase="base", epoch=0.0, step=0, tokens_seen=0, loss=None, path=path, series="main")
+        series.update_index(run, [entry], model=cfg.model.name, key_token_ids=ids, phase1_key=phase1_key(cfg))
+    if _dist_ready():
+        eng.barrier()
+    return run.checkpoint("base")
+
+
+def _tokenizer(run: Run):
+    from rotelab.models import load_tokenizer
+
+    return load_tokenizer(run.checkpoint_dir("base"))
+
+
+def phase1_stage(run: Run) -> Stage:
+    cfg, p1 = run.config, run.config.phase1
+    tok = _tokenizer(run)
+    texts = phase1_texts(run.facts, run.relations, p1.mode)
+    examples = make_examples(tok, texts, p1.loss_mask, cfg.train.max_length)
+    return Stage("phase1", "p1", "main", examples, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum,
+                 p1.save_every, run.checkpoint_dir("base"), protected={phase2_start_id(run)} if cfg.phase2.enabled else set())
+
+
+def phase2_start_id(run: Run) -> str:
+    """The checkpoint phase 2 starts from: ``phase2.start`` (``last`` = the last phase-1 point, or
+    ``base`` without phase 1); an id that phase 1 will not produce is an error."""
+    cfg = run.config
+    planned = ["base"] + [pid for pid, _ in plan_points(_phase1_shape(run))]
+    start = cfg.phase2.start
+    if start == "last":
+        return planned[-1]
+    if start not in planned:
+        shown = ", ".join(planned if len(planned) <= 6 else planned[:3] + ["…"] + planned[-2:])
+        raise RotelabError(f"{run.config_path}: phase2.start {start!r} is not a checkpoint of phase 1 ({shown})")
+    return start
+
+
+def _phase1_shape(run: Run) -> Stage:
+    """A phase-1 stage without tokenized examples, only to plan its checkpoint ids."""
+    p1 = run.config.phase1
+    n = len(run.facts)
+    dummy = [None] * n  # type: ignore[list-item]
+    return Stage("phase1", "p1", "main", dummy, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum, p1.save_every, Path("."))
+
+
+def _phase2_examples(run: Run):
+    cfg, p2 = run.config, run.config.phase2
+    tok = _tokenizer(run)
+    texts = phase2_texts(run.facts, run.relations, run.split, p2.prompts, p2.kind, p2.repurpose)
+    return make_examples(tok, texts, p2.loss_mask, cfg.train.max_length)
+
+
+def train_phase1(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Phase 1 (rote memorization) from ``base``; returns its entries (resumes if interrupted)."""
+    ensure_base_checkpoint(run)
+    if run.config.phase1.epochs == 0:
+        return []
+    return run_stage(run, phase1_stage(run), progress=progress)
+
+
+def train_phase2(run: Run, start: str | None = None, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Phase 2 (generalization) from checkpoint ``start`` (default: :func:`phase2_start_id`).
+
+    The start checkpoint must be listed with its weights; a run whose phase 2 already started from
+    another checkpoint is an error.
+    """
+    cfg, p2 = run.config, run.config.phase2
+    start = start or phase2_start_id(run)
+    listed = {e.id: e for e in read_index(run.index_path)}
+    if start not in listed or listed[start].series != "main" or listed[start].phase not in ("base", "phase1"):
+        known = ", ".join(e.id for e in listed.values() if e.series == "main" and e.phase in ("base", "phase1")) or "none yet"
+        raise RotelabError(f"{run.index_path}: phase-2 start checkpoint {start!r} does not exist (base and phase-1 points: {known})")
+    prev = series.read_extra(run).get("phase2_start")
+    if prev is not None and prev != start and any(e.phase == "phase2" for e in listed.values()):
+        raise RotelabError(f"{run.index_path}: phase 2 of this run already started from {prev!r}, not {start!r}; use another --run directory")
+    start_dir = run.checkpoint_dir(start)
+    if _rank() == 0 and prev != start:
+        series.update_index(run, phase2_start=start)
+    stage = Stage("phase2", "p2", "main", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
+                  p2.grad_accum, p2.save_every, start_dir, protected={start})
+    return run_stage(run, stage, progress=progress)
+
+
+def train_sft_baseline(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Baseline (paper §5): the phase-2 data and settings trained directly from ``base`` (series ``sft``)."""
+    p2 = run.config.phase2
+    ensure_base_checkpoint(run)
+    stage = Stage("sft", "sft", "sft", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
+                  p2.grad_accum, p2.save_every, run.checkpoint_dir("base"))
+    return run_stage(run, stage, progress=progress)
+
+
+def validate(run: Run) -> None:
+    """Check the run's inputs before any training (one-line errors): relations, k, phase-2 start,
+    model of existing checkpoints."""
+    run.ensure_data()  # unknown relations, k > facts
+    counts: dict[str, int] = {}
+    for f in run.facts:
+        counts[f.relation] = counts.get(f.relation, 0) + 1
+    for name in run.config.data.relations:
+        if name not in counts:
+            raise RotelabError(f"{run.config_path}: relation {name!r} has no facts")
+        if run.config.phase2.enabled and counts[name] < run.config.phase2.k:
+            raise RotelabError(f"{run.config_path}: relation {name!r} has {counts[name]} facts, fewer than phase2.k={run.config.phase2.k}")
+    for src, dst in run.config.phase2.repurpose.items():
+        for r in (src, dst):
+            if r not in run.relations:
+                raise RotelabError(f"{run.config_path}: phase2.repurpose names unknown relation {r!r}")
+    if run.config.phase2.enabled:
+        phase2_start_id(run)
+    _check_model(run)
+
+
+def train_run(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Everything the train stage still misses: data, base, phase 1, phase 2, baselines.
+    Returns the whole series (all series, index order)."""
+    validate(run)
+    eng.init_distributed()
+    ensure_base_checkpoint(run)
+    train_phase1(run, progress=progress)
+    if run.config.phase2.enabled:
+        train_phase2(run, progress=progress)
+    if run.config.baselines.sft:
+        train_sft_baseline(run, progress=progress)
+    return run.checkpoints()
+
+
+def import_phase1(run: Run, source: Run) -> list[CheckpointEntry]:
+    """Make ``run`` reuse ``source``'s base and phase-1 checkpoints (symlinked folders, copied
+    index entries) instead of training them; the :func:`phase1_key` of both configs must match and
+    ``source``'s phase 1 must be complete. Returns the imported entries."""
+    key = phase1_key(run.config)
+    if phase1_key(source.config) != key:
+        raise RotelabError(f"{source.root}: cannot import phase 1, its model/data/seed/phase1/train settings differ from {run.root}'s")
+    src_entries = [e for e in source.checkpoints(series="main") if e.phase in ("base", "phase1")]
+    planned = ["base"] + [pid for pid, _ in plan_points(_phase1_shape(run))]
+    have = [e.id for e in src_entries]
+    if have != planned:
+        raise RotelabError(f"{source.index_path}: phase 1 of {source.root} is not complete ({len(have)} of {len(planned)} points)")
+    own = {e.id: e for e in run.checkpoints()}
+    if any(e.phase not in ("base", "phase1") for e in own.values()):
+        raise RotelabError(f"{run.index_path}: run already has later checkpoints; import phase 1 into a fresh run")
+    run.ensure_data()
+    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for e in src_entries:
+        path = None
+        if e.path is not None:
+            target = (source.root / e.path).resolve()
+            link = run.checkpoints_dir / e.id
+            if link.is_symlink() or link.exists():
+                if not (link.is_symlink() and link.resolve() == target):
+                    raise RotelabError(f"{link}: run already has its own checkpoint {e.id!r}")
+            else:
+                link.symlink_to(target, target_is_directory=True)
+            path = str(link.relative_to(run.root))
+        out.append(replace(e, path=path))
+    extra = series.read_extra(source)
+    series.update_index(run, out, model=extra.get("model", run.config.model.name), key_token_ids=extra.get("key_token_ids", {}), phase1_key=key)
+    return out
