@@ -40,15 +40,187 @@ def data_make(
 ) -> None:
     """Generate a fact dataset (fictional subjects, real objects, 99 distractors each)."""
     from rotelab.facts import generate_facts, validate_facts, write_dataset
-    from rotelab.relations import builtin_relations, load_relations, select_relations
+    from rotelab.relations import load_relations, select_relations
 
     all_rels = load_relations(relations_file)
-    names = _csv(relations) or list(builtin_relations())
+    from rotelab.config import DataConfig
+
+    # default: the paper's five relations (the catalogue also holds `employer`, the repurposing target)
+    names = _csv(relations) or list(DataConfig().relations)
     rels = select_relations(all_rels, names, "--relations")
     facts = generate_facts(rels, facts_per_relation, seed, distractors)
     validate_facts(facts, rels, distractors, "generated facts")
     write_dataset(out, facts, rels)
     typer.echo(f"wrote {len(facts)} facts over {len(rels)} relations to {out / 'facts.jsonl'}")
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="A config YAML (with an optional sweep:).")],
+    run: RunOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name (default: the config's name).")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated subset of data,train,eval,capture,analyze,figures,summary.")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<name> go.")] = Path("runs"),
+) -> None:
+    """All stages, from facts to figures and summary.md; each stage skips what is already done."""
+    from rotelab.config import load_config
+    from rotelab.pipeline import STAGES, run_config
+
+    cfg = load_config(config)
+    if name:
+        cfg = cfg.model_copy(update={"name": name})
+    results = run_config(cfg, run_dir=run, runs_dir=runs_dir, stages=tuple(_csv(stages) or STAGES), echo=typer.echo)
+    for res in results:
+        if res.summary:
+            typer.echo("")
+            typer.echo(res.summary)
+    roots = [str(r.run.root) for r in results]
+    target = roots[0] if len(roots) == 1 else str(Path(roots[0]).parent)
+    typer.echo(f"Browse it: rotelab tui {target}")
+
+
+def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    """``"0,5,10-12"`` → ``[0, 5, 10, 11, 12]``."""
+    if not value:
+        return None
+    out: list[int] = []
+    for part in _csv(value) or []:
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise RotelabError(f"{flag} {value!r}: expected integers or ranges like 0,5,10-12") from None
+    return out
+
+
+@app.command("capture")
+def capture(
+    target: Target,
+    run: RunOpt = None,
+    checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
+    kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: capture.kinds or all).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. 0,5,10-12 (0 = embeddings; default: all).")] = None,
+    items: Annotated[Optional[str], typer.Option(help="Item ids per kind, e.g. 0-99 (default: all).")] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="i/n: capture only checkpoints whose position % n == i (default: RANK/WORLD_SIZE if set)."),
+    ] = None,
+) -> None:
+    """Capture the last prompt token's hidden state at every layer into the run's store (resumable)."""
+    from rotelab.probe.capture import capture_run, parse_shard
+    from rotelab.run import Run
+
+    r = Run.from_target(target, run)
+    capture_run(
+        r,
+        checkpoints=_csv(checkpoints),
+        kinds=_csv(kinds),
+        layers=_int_list(layers, "--layers"),
+        items=_int_list(items, "--items"),
+        shard=parse_shard(shard) if shard else None,
+    )
+
+
+@app.command("train")
+def train_cmd(
+    target: Target,
+    run: RunOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Train what the run still misses: base checkpoint, phase 1, phase 2, baselines (resumable).
+
+    On GPUs launch through DeepSpeed: deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR
+    """
+    from rotelab.run import Run
+    from rotelab.train import train_run
+
+    r = Run.from_target(target, run)
+    entries = train_run(r, progress=not no_progress)
+    typer.echo(f"{r.root}: {len(entries)} checkpoints ({', '.join(e.id for e in entries[:3])}{', …' if len(entries) > 3 else ''})")
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Target,
+    run: RunOpt = None,
+    engine: Annotated[Optional[str], typer.Option(help="vllm, hf or auto (default: eval.engine).")] = None,
+    checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
+    kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: eval.kinds or all).")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Accuracy (object probability, multiple choice, generation) of every checkpoint × prompt kind
+    not yet in the store; prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
+    from rotelab.probe.accuracy import Shard, evaluate_run, select_checkpoints
+    from rotelab.probe.accuracy_tables import format_summary
+    from rotelab.run import Run
+
+    r = Run.from_target(target, run)
+    if not r.checkpoints() and not Path(target).is_dir():
+        from rotelab.train import train_run
+
+        train_run(r, progress=not no_progress)
+    sh = Shard.parse(shard)
+    table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh)
+    for e in select_checkpoints(r, _csv(checkpoints), sh):
+        typer.echo("")
+        typer.echo(format_summary(r, e.id, table))
+
+
+@app.command("tui")
+def tui(
+    target: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs (a picker opens).")],
+) -> None:
+    """Browse a run in the terminal: layers × checkpoints, projections, curves, accuracy, facts."""
+    from rotelab.tui import run_tui
+
+    run_tui(target)
+
+
+@app.command("analyze")
+def analyze_cmd(
+    target: Target,
+    run: RunOpt = None,
+    kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: every captured kind).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """ΔCosSim curves, PCA/UMAP projections, key-token alignment drift and (analyses.patching)
+    activation patching into the run's store; does only what is missing."""
+    from rotelab.analyses import analyze_run
+    from rotelab.run import Run
+
+    r = Run.from_target(target, run)
+    if not Path(target).is_dir():
+        from rotelab.pipeline import run_pipeline
+
+        run_pipeline(r, stages=("data", "train", "capture"), progress=not no_progress, echo=typer.echo)
+    summary = analyze_run(r, kinds=_csv(kinds), progress=not no_progress, note=typer.echo)
+    dc = sum(summary["delta_cossim"].values())
+    pr = sum(summary["projections"].values())
+    typer.echo(f"{r.root}: written now: ΔCosSim rows {dc}, projection cells {pr}; alignment table rows {summary['alignment']}; "
+               f"patching checkpoints {summary['patching']}")
+
+
+@app.command("figures")
+def figures_cmd(
+    target: Target,
+    run: RunOpt = None,
+) -> None:
+    """Render the paper's figures (PNG + PDF + SVG + CSV) whose data exist into the run's figures/."""
+    from rotelab.analyses import figures_run
+    from rotelab.run import Run
+
+    r = Run.from_target(target, run)
+    if not Path(target).is_dir():
+        from rotelab.pipeline import run_pipeline
+
+        run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), echo=typer.echo)
+    out = figures_run(r, note=lambda m: None)
+    for name, path in out.items():
+        typer.echo(f"{name:28s} {path}")
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""Accuracy engines: (a) a 5-checkpoint series with one reused vLLM engine (weights swapped in
+place) vs a fresh engine per checkpoint; (b) vLLM vs HF throughput on SmolLM2-135M (CPU here) for
+MC scoring and for greedy generation. Prints times and ratios measured in this invocation.
+
+    .venv/bin/python benchmarks/bench_eval_engines.py [--part a|b|all] [--series 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def _plans(run, tok, kinds):
+    from rotelab.probe.accuracy import plan_run
+
+    return plan_run(run, tok, kinds)
+
+
+def part_a(tmp: Path, n: int) -> None:
+    from fixtures_runs import make_tiny_run
+
+    from rotelab.models import load_tokenizer
+    from rotelab.probe.accuracy_metrics import stop_token_ids
+    from rotelab.probe.engines.vllm_engine import VllmEngine
+
+    run = make_tiny_run(tmp / "a", n_checkpoints=n)
+    dirs = [run.checkpoint_dir(e) for e in run.checkpoints()]
+    tok = load_tokenizer(str(dirs[0]))
+    plans = _plans(run, tok, ["train", "icl"])
+    stops = stop_token_ids(tok)
+
+    def work(eng):
+        for p in plans.values():
+            eng.score(p.requests)
+            eng.generate(p.gen_prompts, 8, stops)
+
+    t0 = time.perf_counter()
+    eng = VllmEngine(dirs[0], gpu_memory_utilization=0.1)
+    for d in dirs:
+        eng.load(d)
+        work(eng)
+    eng.close()
+    reused = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for d in dirs:
+        eng = VllmEngine(d, gpu_memory_utilization=0.1)
+        work(eng)
+        eng.close()
+    fresh = time.perf_counter() - t0
+    print(f"(a) series of {n} checkpoints (tiny-llama, kinds train+icl): reused engine {reused:.1f} s, "
+          f"fresh engine per checkpoint {fresh:.1f} s -> {fresh / reused:.1f}x", flush=True)
+
+
+def part_b(tmp: Path, facts: int) -> None:
+    from fixtures_runs import make_tiny_run
+
+    from rotelab.models import load_tokenizer
+    from rotelab.probe.accuracy_metrics import stop_token_ids
+    from rotelab.probe.engines.hf import HFEngine
+    from rotelab.probe.engines.vllm_engine import VllmEngine
+
+    cfg = {"data": {"relations": ["capital", "author"], "facts_per_relation": facts, "distractors": 99, "templates_per_kind": 1},
+           "phase2": {"k": 1}}
+    run = make_tiny_run(tmp / "b", n_checkpoints=1, model="smollm2-135m", config=cfg)
+    d = run.checkpoint_dir("base")
+    tok = load_tokenizer(str(d))
+    plans = _plans(run, tok, run.kinds())
+    stops = stop_token_ids(tok)
+    reqs = [r for k in ("train", "test") for r in plans[k].requests]
+    prompts = [g for p in plans.values() for g in p.gen_prompts]
+    n_opts = sum(len(r.continuations) for r in reqs)
+    results = {}
+    for name in ("hf", "vllm"):
+        t0 = time.perf_counter()
+        eng = HFEngine(batch_size=32) if name == "hf" else VllmEngine(d, gpu_memory_utilization=0.2)
+        eng.load(d)
+        start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eng.score(reqs)
+        score = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eng.generate(prompts, 12, stops)
+        gen = time.perf_counter() - t0
+        eng.close()
+        results[name] = (start, score, gen)
+        print(f"(b) {name}: start/load {start:.1f} s, scoring {len(reqs)} prompts (train+test) x 100 options ({n_opts} options) "
+              f"{score:.1f} s = {n_opts / score:.0f} options/s, greedy generation {len(prompts)} prompts (all kinds) x <=12 tokens "
+              f"{gen:.1f} s = {len(prompts) / gen:.1f} prompts/s", flush=True)
+    h, v = results["hf"], results["vllm"]
+    print(f"(b) scoring: vLLM/HF time {v[1] / h[1]:.2f} ({'HF' if h[1] < v[1] else 'vLLM'} faster); "
+          f"generation: vLLM/HF time {v[2] / h[2]:.2f} ({'HF' if h[2] < v[2] else 'vLLM'} faster)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["a", "b", "all"], default="all")
+    ap.add_argument("--series", type=int, default=5)
+    ap.add_argument("--facts", type=int, default=3, help="(b): facts per relation (2 relations, 1 template per kind)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("b", "all"):
+            part_b(Path(tmp), args.facts)
+        if args.part in ("a", "all"):
+            part_a(Path(tmp), args.series)
+
+
+if __name__ == "__main__":
+    main()

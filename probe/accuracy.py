@@ -1,0 +1,295 @@
+"""Accuracy over the checkpoint series: object probability, multiple choice, generation.
+
+:func:`evaluate_run` evaluates every (checkpoint × prompt kind) *unit* that is not yet in the store
+and writes the per-item arrays of :data:`~rotelab.probe.accuracy_metrics.METRIC_ARRAYS` into the
+kind's group (``[checkpoint, item]``), all of a unit in one ``write_item_arrays`` call (data first,
+then one commit marker per array). A unit counts as done only when every array of it is committed,
+so a killed run loses at most the unit it was writing. Results record the engine, its version, the
+dtype, batch size and prefix-caching setting (array attrs ``provenance/<checkpoint>`` and the
+latest at the top level).
+
+Before anything is loaded or written, the whole request is validated: checkpoints and their
+folders, the tokenizer's key tokens, and the tokenization of every answer and option (all kinds are
+tokenized up front; the plans are reused for every checkpoint).
+
+See :mod:`rotelab.probe.accuracy_metrics` for the metric definitions and the tokenization rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rotelab.checkpoints import CheckpointEntry
+from rotelab.errors import RotelabError
+from rotelab.prompts import answer_options
+from rotelab.run import Run
+
+from .accuracy_metrics import (
+    METRIC_ARRAYS,
+    KindPlan,
+    finish_generation,
+    generation_metrics,
+    item_scores,
+    plan_kind,
+    stop_token_ids,
+)
+from .engines import resolve_engines
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process ``index`` of ``count`` evaluates the checkpoints whose series position % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard":
+        if not text:
+            return cls()
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise RotelabError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+        if n < 1 or not 0 <= i < n:
+            raise RotelabError(f"--shard {text!r}: need 0 <= i < n")
+        return cls(i, n)
+
+
+def _check_checkpoint_dir(run: Run, e: CheckpointEntry) -> Path:
+    d = run.checkpoint_dir(e)
+    if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+        raise RotelabError(f"{d}: checkpoint folder of {e.id!r} has no weights (*.safetensors)")
+    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
+        raise RotelabError(f"{d}: checkpoint folder of {e.id!r} has no tokenizer")
+    try:
+        for f in d.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    fh.read(1)
+    except OSError as err:
+        raise RotelabError(f"{d}: checkpoint folder of {e.id!r} is unreadable ({err.strerror})") from None
+    return d
+
+
+def select_checkpoints(run: Run, checkpoints: Sequence[str] | None, shard: Shard) -> list[CheckpointEntry]:
+    """The checkpoints to evaluate, in series order (``checkpoints`` ids, then the shard)."""
+    series = run.checkpoints()
+    if not series:
+        raise RotelabError(f"{run.index_path}: no checkpoints (train first)")
+    pos = {e.id: i for i, e in enumerate(series)}
+    if checkpoints:
+        for c in checkpoints:
+            if c not in pos:
+                run.checkpoint(c)  # raises with the known ids
+        wanted = set(checkpoints)
+        series_sel = [e for e in series if e.id in wanted]
+    else:
+        series_sel = list(series)
+    return [e for e in series_sel if pos[e.id] % shard.count == shard.index]
+
+
+def select_kinds(run: Run, kinds: Sequence[str] | None) -> list[str]:
+    have = run.kinds()
+    chosen = list(kinds) if kinds else list(run.config.eval.kinds or have)
+    for k in chosen:
+        if k not in have:
+            raise RotelabError(f"{run.root}: unknown prompt kind {k!r} (this run has: {', '.join(have)})")
+    return chosen
+
+
+def load_checked_tokenizer(run: Run, checkpoint_dir: Path):
+    """The checkpoint's tokenizer; an error if it lacks the run's key tokens (phase1.mode key)."""
+    from rotelab.models import load_tokenizer
+
+    tok = load_tokenizer(str(checkpoint_dir))
+    if run.config.phase1.mode == "key":
+        vocab = tok.get_vocab()
+        for rel, key in run.key_tokens().items():
+            if key not in vocab or tok(key, add_special_tokens=False)["input_ids"] != [vocab[key]]:
+                raise RotelabError(f"{checkpoint_dir}: tokenizer lacks the key token {key!r} of relation {rel!r}")
+    return tok
+
+
+def _tokenizer_bytes(d: Path) -> bytes:
+    f = d / "tokenizer.json"
+    return f.read_bytes() if f.is_file() else b""
+
+
+def plan_run(run: Run, tokenizer, kinds: Sequence[str]) -> dict[str, KindPlan]:
+    """Tokenized plans of the kinds (validates every answer and option)."""
+    plans = {}
+    for kind in kinds:
+        items = run.items(kind)
+        opts = answer_options(items, run.facts, kind, n_options=run.config.data.distractors + 1)
+        plans[kind] = plan_kind(tokenizer, kind, list(items["text"]), list(items["object"]), opts)
+    return plans
+
+
+def _num_layers(checkpoint_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(checkpoint_dir))
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.num_hidden_layers)
+
+
+def _missing_units(run: Run, fingerprint: dict[str, str], entries: list[CheckpointEntry], kinds: list[str]) -> list[tuple[CheckpointEntry, str]]:
+    """(checkpoint, kind) units not yet committed, found without writing anything."""
+    from rotelab.store import Store
+
+    if not (run.store_path / "zarr.json").is_file():
+        return [(e, k) for e in entries for k in kinds]
+    st = Store.open(run.store_path, fingerprint=fingerprint, mode="r")
+    have = set(st.kinds())
+    groups = {k: st.kind(k) for k in kinds if k in have}
+    return [(e, k) for e in entries for k in kinds if k not in groups or not unit_done(groups[k], e.id)]
+
+
+def unit_done(kg, checkpoint: str) -> bool:
+    """Whether all metric arrays of ``checkpoint`` are committed in kind group ``kg``."""
+    return all(kg.is_committed(name, checkpoint) for name in METRIC_ARRAYS)
+
+
+class _Engines:
+    """The backend per operation, started lazily on the first checkpoint and reused after."""
+
+    def __init__(self, run: Run, engine: str) -> None:
+        self.run = run
+        self.score_name, self.gen_name, self.note = resolve_engines(engine)
+        self._engines: dict[str, object] = {}
+
+    def _make(self, name: str, checkpoint_dir: Path):
+        ev, dtype = self.run.config.eval, self.run.config.model.dtype
+        if name == "hf":
+            from .engines.hf import HFEngine
+
+            return HFEngine(dtype=dtype, batch_size=ev.batch_size)
+        from .engines.vllm_engine import VllmEngine
+
+        return VllmEngine(
+            checkpoint_dir,
+            dtype=dtype,
+            batch_size=ev.batch_size,
+            gpu_memory_utilization=ev.gpu_memory_utilization,
+            tensor_parallel_size=ev.tensor_parallel_size,
+            enable_prefix_caching=ev.prefix_caching,
+            seed=self.run.config.seed,
+        )
+
+    def get(self, name: str, checkpoint_dir: Path):
+        eng = self._engines.get(name)
+        if eng is None:
+            eng = self._engines[name] = self._make(name, checkpoint_dir)
+        eng.load(checkpoint_dir)
+        return eng
+
+    def close(self) -> None:
+        for eng in self._engines.values():
+            eng.close()
+        self._engines.clear()
+
+
+def _provenance(score_eng, gen_eng) -> dict[str, object]:
+    return {
+        "engine": score_eng.name if score_eng.name == gen_eng.name else f"{score_eng.name} (scoring), {gen_eng.name} (generation)",
+        "engine_version": score_eng.version if score_eng.version == gen_eng.version else f"{score_eng.version}; {gen_eng.version}",
+        "dtype": score_eng.dtype,
+        "batch_size": score_eng.batch_size,
+        "prefix_caching": bool(score_eng.prefix_caching),
+    }
+
+
+def evaluate_unit(score_eng, gen_eng, tokenizer, plan: KindPlan, max_new_tokens: int, stops: Sequence[int]) -> dict[str, np.ndarray]:
+    """All metric arrays [item] of one kind on the engines' current checkpoint."""
+    scores = item_scores(plan, score_eng.score(plan.requests))
+    gen_ids = gen_eng.generate(plan.gen_prompts, max_new_tokens, stops)
+    stop_set = set(stops)
+    texts = [finish_generation(tokenizer, ids, stop_set) for ids in gen_ids]
+    return {**scores, **generation_metrics(plan.answers, texts)}
+
+
+def evaluate_run(
+    run: Run,
+    *,
+    engine: str | None = None,
+    checkpoints: list[str] | None = None,
+    kinds: list[str] | None = None,
+    progress: bool = True,
+    shard: Shard | str | None = None,
+) -> pd.DataFrame:
+    """Evaluate the missing (checkpoint × kind) units and return :func:`metrics_table` of the run.
+
+    ``engine``: ``auto`` / ``vllm`` / ``hf`` (default ``config.eval.engine``); ``checkpoints``: ids
+    (default: the whole series); ``kinds`` (default ``config.eval.kinds`` or all the run's kinds);
+    ``shard``: ``"i/n"`` or :class:`Shard` — this process takes the checkpoints at series
+    positions ≡ i (mod n) and writes only their cells.
+    """
+    from rotelab.store import Store
+
+    from .accuracy_tables import metrics_table
+
+    shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
+    engine = engine or run.config.eval.engine
+    engines = _Engines(run, engine)  # validates the engine name / availability first
+    if engines.note and progress:
+        print(f"rotelab eval: {engines.note}", file=sys.stderr)
+    entries = select_checkpoints(run, checkpoints, shard)
+    kind_list = select_kinds(run, kinds)
+    all_entries = run.checkpoints()
+    dirs = {e.id: _check_checkpoint_dir(run, e) for e in entries}
+    if not entries:
+        return metrics_table(run)
+    first = dirs[entries[0].id]
+    tokenizer = load_checked_tokenizer(run, first)
+    for e in entries[1:]:  # every checkpoint must carry the same tokenizer (key tokens included)
+        if _tokenizer_bytes(dirs[e.id]) != _tokenizer_bytes(first):
+            load_checked_tokenizer(run, dirs[e.id])
+    ids = [e.id for e in all_entries]
+    fingerprint = run.fingerprint()
+    todo = _missing_units(run, fingerprint, entries, kind_list)
+    if not todo:
+        return metrics_table(run)
+    todo_kinds = [k for k in kind_list if any(kk == k for _, kk in todo)]
+    plans = plan_run(run, tokenizer, todo_kinds)  # validates every answer/option before any write
+    stops = stop_token_ids(tokenizer)
+    n_layers = _num_layers(first)
+
+    store = Store.open(run.store_path, fingerprint=fingerprint)
+    groups = {
+        k: store.ensure_kind(k, checkpoints=ids, layers=list(range(n_layers + 1)), items=run.items(k)) for k in todo_kinds
+    }
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="eval", unit="unit", file=sys.stderr)
+    try:
+        for e in entries:
+            units = [k for (ee, k) in todo if ee.id == e.id]
+            if not units:
+                continue
+            score_eng = engines.get(engines.score_name, dirs[e.id])
+            gen_eng = engines.get(engines.gen_name, dirs[e.id])
+            prov = _provenance(score_eng, gen_eng)
+            for k in units:
+                if bar is not None:
+                    bar.set_postfix_str(f"{e.id} {k}")
+                arrays = evaluate_unit(score_eng, gen_eng, tokenizer, plans[k], run.config.eval.max_new_tokens, stops)
+                groups[k].write_item_arrays(e.id, arrays, attrs={**prov, f"provenance/{e.id}": prov})
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        engines.close()
+    table = metrics_table(run)
+    if not table.empty:
+        store.write_table("eval_summary", table)
+    return table

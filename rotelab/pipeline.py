@@ -1,0 +1,142 @@
+"""``rotelab run``: data → train → eval → capture → analyses → figures → summary, resumable.
+
+This is the one orchestrating module above every stage (like the CLI it imports the stages inside
+its functions); each stage does only what is missing, so re-running a finished run is cheap and an
+interrupted one continues where it stopped.
+
+Sweeps: a config with ``sweep:`` expands into sibling runs ``runs/<name>-<key>=<value>…``. Siblings
+that agree on everything phase 1 depends on share its checkpoints (phase 1 is trained once, in the
+first sibling, and linked into the others).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rotelab.config import Config, expand_sweep
+from rotelab.errors import RotelabError
+from rotelab.run import Run
+
+STAGES = ("data", "train", "eval", "capture", "analyze", "figures", "summary")
+
+
+@dataclass
+class StageTiming:
+    stage: str
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    run: Run
+    timings: list[StageTiming] = field(default_factory=list)
+    summary: str = ""
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _stage_functions(progress: bool) -> dict[str, Callable[[Run], object]]:
+    def data(run: Run) -> None:
+        run.ensure_data()
+
+    def train(run: Run) -> None:
+        from rotelab.train import train_run
+
+        train_run(run, progress=progress)
+
+    def eval_(run: Run) -> None:
+        from rotelab.probe import evaluate_run
+
+        evaluate_run(run, progress=progress)
+
+    def capture(run: Run) -> None:
+        from rotelab.probe import capture_run
+
+        capture_run(run, progress=progress)
+
+    def analyze(run: Run) -> None:
+        from rotelab.analyses import analyze_run
+
+        analyze_run(run, progress=progress)
+
+    def figures(run: Run) -> None:
+        from rotelab.analyses import figures_run
+
+        figures_run(run)
+
+    def summary(run: Run) -> None:
+        from rotelab.analyses.summary import write_summary
+
+        write_summary(run)
+
+    return {"data": data, "train": train, "eval": eval_, "capture": capture, "analyze": analyze, "figures": figures, "summary": summary}
+
+
+def run_pipeline(
+    run: Run,
+    *,
+    stages: tuple[str, ...] = STAGES,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> PipelineResult:
+    """Run the stages in order on one run; each skips what is already done."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise RotelabError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+    fns = _stage_functions(progress)
+    result = PipelineResult(run)
+    t_all = time.perf_counter()
+    for i, stage in enumerate(stages, start=1):
+        done = sum(t.seconds for t in result.timings)
+        eta = f", elapsed {_fmt(done)}" if done else ""
+        echo(f"── [{i}/{len(stages)}] {stage} · {run.root}{eta}")
+        t0 = time.perf_counter()
+        fns[stage](run)
+        result.timings.append(StageTiming(stage, time.perf_counter() - t0))
+        echo(f"   {stage} done in {_fmt(result.timings[-1].seconds)}")
+    if "summary" in stages and run.summary_path.is_file():
+        result.summary = run.summary_path.read_text(encoding="utf-8")
+    echo(f"── all stages done in {_fmt(time.perf_counter() - t_all)}")
+    return result
+
+
+def run_config(
+    config: Config,
+    *,
+    run_dir: str | Path | None = None,
+    runs_dir: str | Path = "runs",
+    stages: tuple[str, ...] = STAGES,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[PipelineResult]:
+    """Run a config (or every sibling of its sweep). Returns one result per run."""
+    configs = expand_sweep(config)
+    if len(configs) > 1 and run_dir is not None:
+        runs_dir, run_dir = Path(run_dir), None
+    results: list[PipelineResult] = []
+    trained_phase1: dict[str, Run] = {}
+    for cfg in configs:
+        run = Run.create(cfg, run_dir, runs_dir)
+        if len(configs) > 1:
+            echo(f"══ sweep run {len(results) + 1}/{len(configs)}: {cfg.name}")
+            _share_phase1(run, trained_phase1, echo)
+        results.append(run_pipeline(run, stages=stages, progress=progress, echo=echo))
+    return results
+
+
+def _share_phase1(run: Run, trained: dict[str, Run], echo: Callable[[str], None]) -> None:
+    """Link phase-1 checkpoints from an earlier sibling with the same phase-1 key, or remember this one."""
+    from rotelab.train import import_phase1, phase1_key
+
+    key = phase1_key(run.config)
+    source = trained.get(key)
+    if source is not None and not run.checkpoints(series="main"):
+        echo(f"   reusing phase 1 of {source.root.name}")
+        import_phase1(run, source)
+    trained.setdefault(key, run)

@@ -1,0 +1,107 @@
+"""`rotelab run configs/tiny.yaml` end to end: every artifact is there and says what it should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    runs = tmp_path_factory.mktemp("runs")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rotelab.cli", "run", str(ROOT / "configs" / "tiny.yaml"), "--runs-dir", str(runs)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return runs / "tiny", proc
+
+
+def test_index_lists_the_whole_series(tiny_run) -> None:
+    run_dir, _ = tiny_run
+    index = json.loads((run_dir / "checkpoints" / "index.json").read_text())["checkpoints"]
+    ids = [e["id"] for e in index]
+    assert ids[0] == "base"
+    assert [i for i in ids if i.startswith("p1-")] == ["p1-s000040", "p1-s000080", "p1-s000120"]
+    assert [i for i in ids if i.startswith("p2-")] == ["p2-e01", "p2-e02"]
+    for e in index:
+        assert (run_dir / e["path"] / "config.json").is_file()
+        assert (run_dir / e["path"] / "tokenizer.json").is_file()
+
+
+def test_store_has_every_kind_with_metrics_activations_and_curves(tiny_run) -> None:
+    run_dir, _ = tiny_run
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    run = Run.open(run_dir)
+    store = Store.open(run.store_path, mode="r")
+    assert set(store.kinds()) == set(run.kinds())
+    n_ckpt = len(run.checkpoints())
+    for kind in run.kinds():
+        ds = xr.open_zarr(run.store_path, group=kind, consolidated=False)
+        assert ds["activations"].dims == ("checkpoint", "layer", "item", "hidden")
+        assert ds["activations"].shape == (n_ckpt, 3, len(run.items(kind)), 128)
+        group = store.kind(kind)
+        acts = group.read_activations()
+        assert np.isfinite(acts).all(), kind
+        for metric in ("object_prob", "mc_correct", "gen_correct"):
+            vals = group.read_item_array(metric)
+            assert vals.shape == (n_ckpt, len(run.items(kind))) and np.isfinite(vals).all(), (kind, metric)
+        probs = group.read_item_array("object_prob")
+        assert ((probs >= 0) & (probs <= 1)).all()
+        dc = group.read_derived("delta_cossim")
+        assert dc.shape == (n_ckpt, 3) and np.isfinite(dc).all()
+
+
+def test_memorization_shows_up_in_the_key_prompt(tiny_run) -> None:
+    """Phase 1 trains exactly the key prompt: its object probability must rise from base."""
+    run_dir, _ = tiny_run
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    run = Run.open(run_dir)
+    group = Store.open(run.store_path, mode="r").kind("key")
+    probs = group.read_item_array("object_prob")
+    ids = group.checkpoints
+    assert probs[ids.index("p1-s000120")].mean() > 100 * probs[ids.index("base")].mean()
+
+
+def test_figures_and_summary(tiny_run) -> None:
+    run_dir, proc = tiny_run
+    pngs = sorted((run_dir / "figures").glob("*.png"))
+    assert pngs, "no figures"
+    for png in pngs:
+        assert png.with_suffix(".pdf").is_file() and png.with_suffix(".svg").is_file() and png.with_suffix(".csv").is_file()
+    summary = (run_dir / "summary.md").read_text()
+    assert "Held-out facts" in summary and "ΔCosSim" in summary and "p1-s000120" in summary
+    assert "rotelab tui" in proc.stdout
+
+
+def test_rerun_does_nothing_new(tiny_run) -> None:
+    run_dir, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*.safetensors")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rotelab.cli", "run", str(ROOT / "configs" / "tiny.yaml"), "--run", str(run_dir), "--stages", "train,eval,capture"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*.safetensors")}
+    assert before == after
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phase2:\n  k: 500\ndata:\n  facts_per_relation: 10\n")
+    proc = subprocess.run([sys.executable, "-m", "rotelab.cli", "run", str(bad), "--runs-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "phase2.k=500" in proc.stderr and str(bad) in proc.stderr
+    assert not (tmp_path / "bad").exists()
