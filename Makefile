@@ -24,8 +24,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=300
 
+# The main job on the embedded SmolLM2-135M: facts -> training -> accuracy -> capture -> analyses -> figures.
 demo: setup
-	$(BIN)/rotelab data make --out runs/demo-data --facts-per-relation 40 --relations capital,author,educated_at
+	$(BIN)/rotelab run configs/smollm2-demo.yaml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
