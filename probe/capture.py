@@ -185,14 +185,11 @@ def shard_from_env() -> tuple[int, int] | None:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 ≤ i < n``."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise RotelabError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise RotelabError(f"--shard {text!r}: need 0 ≤ i < n")
-    return i, n
+    """``"i/n"`` → ``(i, n)`` with ``0 ≤ i < n`` (the same rule as ``rotelab eval --shard``)."""
+    from .accuracy import Shard
+
+    shard = Shard.parse(text)
+    return shard.index, shard.count
 
 
 def _device(spec: str) -> str:
