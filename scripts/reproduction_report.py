@@ -46,7 +46,7 @@ def main(paths: list[str]) -> None:
     stats = seed_statistics([staged_table(r) for r in runs], chance={"mc_correct": chance, "object_prob": chance, "gen_correct": 0.0}, by="checkpoint")
     stats = stats[stats["split"] == "heldout"]
     stages = [s for s in ("base", "phase 1", "phase 2", "SFT baseline") if s in set(stats["stage"])]
-    print(f"seeds: {len(runs)}; chance for MC = {chance:.2f}; cells: mean ± 95% CI half-width (one-sided p vs chance)\n")
+    print(f"seeds: {len(runs)}; chance for MC = {chance:.2f}; cells: mean ± 95% CI half-width (one-sided p of MC accuracy > chance)\n")
     for metric, label in METRICS:
         print(f"### {label}, held-out facts\n")
         kinds = [k for k in KINDS if k in set(stats["kind"])]
@@ -60,7 +60,7 @@ def main(paths: list[str]) -> None:
                     cells.append("–")
                     continue
                 r = r.iloc[0]
-                p = "" if metric == "gen_correct" or not np.isfinite(r["p"]) else f" (p={r['p']:.2g})"
+                p = f" (p={r['p']:.2g})" if metric == "mc_correct" and np.isfinite(r["p"]) else ""
                 cells.append(f"{r['mean']:.3f} ± {r['ci95']:.3f}{p}")
             print(f"| {s} | " + " | ".join(cells) + " |")
         print()
