@@ -21,16 +21,10 @@ from rotelab.probe.engines.hf import HFEngine
 from rotelab.prompts import answer_options
 from rotelab.store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="vLLM not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not vllm_available(), reason="vLLM not installed")]
 KINDS = ["key", "icl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
