@@ -266,7 +266,13 @@ class KindGroup:
         return arr, dims, cell
 
     def _marker(self, name: str) -> zarr.Array:
-        return self._array(commits.marker_name(name))
+        """The marker array of data array ``name``, for a writer: created if a killed writer of an
+        older version left the data array without it (markers are now made before their array)."""
+        mname = commits.marker_name(name)
+        if self._has(mname):
+            return self._array(mname)
+        arr, dims, cell = self._spec(name)
+        return self._create_marker(name, cell, self._cell_shape(arr, dims, cell))
 
     def _create_marker(self, name: str, cell_dims: Sequence[str], shape: Sequence[int]) -> zarr.Array:
         arr = create_or_open_array(
@@ -559,6 +565,8 @@ class KindGroup:
                     [np.nan if x is None else x for x in v.tolist()] if v.dtype.kind == "O" else v, dtype=np.float32
                 )
             value_kind = "str" if is_str else "float"
+            if not self._has(name):  # the marker first: an existing data array always has one
+                self._create_marker(name, ["checkpoint"], (len(self._checkpoints),))
             arr = create_or_open_array(
                 self._zgroup,
                 name,
@@ -574,7 +582,6 @@ class KindGroup:
                 raise StoreMismatchError(
                     f"{self._where()}: item array {name!r} holds {arr.attrs.get(VALUE_KIND)} values, got {value_kind}"
                 )
-            self._create_marker(name, ["checkpoint"], (arr.shape[0],))
         mdir = {name: self._dir / commits.marker_name(name) for name in prepared}
         for name in prepared:  # uncommit rows being rewritten
             if commits.read_marker_cell(mdir[name], (ci,)):
@@ -652,19 +659,15 @@ class KindGroup:
             if d in extra:
                 if d in GROUP_DIMS:
                     raise StoreError(f"{self._where()}: extra_coords cannot redefine group dim {d!r}")
-                values = extra[d]
-                if size is None:
-                    self._create_coord(d, values)
-                    size = len(values)
-                else:
-                    have = np.asarray(self._array(d)[:]).tolist()
-                    if [str(x) for x in have] != [str(x) for x in values]:
-                        raise StoreMismatchError(f"{self._where()}: coordinate {d!r} exists with different values")
+                self._ensure_coord(d, extra[d])
+                size = len(extra[d])
             if size is None:
                 if d in index:
                     raise StoreError(f"{self._where()}: cannot index new dim {d!r} without extra_coords")
                 size = int(data.shape[data_dims.index(d)])
-                self._create_coord(d, list(range(size)))
+                self._ensure_coord(d, list(range(size)))
+            elif d not in GROUP_DIMS and d not in extra and not (self._dir / d / "c" / "0").is_file():
+                self._ensure_coord(d, list(range(size)))  # completes a default coordinate left unwritten
             shape.append(int(size))
         if self._has(name):
             arr, have_dims, cell = self._spec(name)
@@ -678,6 +681,8 @@ class KindGroup:
             if any(d not in dims for d in cell):
                 raise StoreError(f"{self._where()}: cell_dims {cell} not all in dims {dims}")
             cell = tuple(d for d in dims if d in cell)  # keep dims order
+            # the marker first: an existing data array always has its marker
+            self._create_marker(name, cell, [s for d, s in zip(dims, shape, strict=True) if d in cell])
             arr = create_or_open_array(
                 self._zgroup,
                 name,
@@ -689,16 +694,19 @@ class KindGroup:
                 attributes={ROLE: "derived", CELL_DIMS: list(cell)},
             )
             self._arrays[name] = arr
-            self._create_marker(name, cell, [s for d, s in zip(dims, shape, strict=True) if d in cell])
         pos = {d: self._coord_positions(d, [lab])[0] for d, lab in index.items()}
         self._write_cells(name, pos, data)
         self._merge_attrs(name, attrs)
 
-    def _create_coord(self, dim: str, values: Sequence[Any]) -> None:
+    def _ensure_coord(self, dim: str, values: Sequence[Any]) -> None:
+        """Create coordinate ``dim`` with ``values``, complete one a killed writer left without its
+        values, or check an existing one (StoreMismatchError if its values differ). Coordinates are
+        written before any array that uses them, so such an array never sees an unwritten one."""
         if dim in _RESERVED or commits.is_marker_name(dim) or "/" in dim:
             raise StoreError(f"{self._where()}: bad dim name {dim!r}")
         v = np.asarray(values)
         is_str = v.dtype.kind in "TUSO"
+        existed = self._has(dim)
         arr = create_or_open_array(
             self._zgroup,
             dim,
@@ -709,8 +717,15 @@ class KindGroup:
             dims=[dim],
             attributes={ROLE: "coord"},
         )
-        arr[:] = to_str_array(v) if is_str else v
         self._arrays[dim] = arr
+        if existed and (self._dir / dim / "c" / "0").is_file():
+            have = np.asarray(arr[:]).tolist()
+            if len(have) != len(v) or [str(x) for x in have] != [str(x) for x in v.tolist()]:
+                raise StoreMismatchError(f"{self._where()}: coordinate {dim!r} exists with different values")
+            return
+        if int(arr.shape[0]) != len(v):
+            raise StoreMismatchError(f"{self._where()}: coordinate {dim!r} exists with {arr.shape[0]} values, not {len(v)}")
+        arr[:] = to_str_array(v) if is_str else v
 
     def read_derived(
         self,

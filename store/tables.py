@@ -7,15 +7,23 @@ Layout::
                                 (1-D, one per column) and n0000 ... (bool null masks, if any)
 
 A write builds a complete new version, then switches ``current`` (one atomic file replace), then
-removes older versions. A reader follows ``current`` and retries if a version vanishes under it.
+removes the versions older than the one it replaced. Writers of one table take turns (an exclusive
+``flock`` on the folder ``tables/<name>``, released by the kernel when a writer dies), so no writer
+ever deletes a version another writer is still building. The version just
+replaced is kept, so a reader that followed ``current`` a moment before the switch finishes its
+read; a reader retries if a version vanishes under it all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,6 +54,20 @@ def _require_group(parent: zarr.Group, name: str, attrs: dict[str, Any]) -> zarr
             return parent.create_group(name, attributes=attrs)
         except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
             return parent[name]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _table_lock(store: Store, name: str) -> Iterator[None]:
+    """Exclusive lock of table ``name`` across processes (blocks until the other writer is done):
+    a ``flock`` on the table's group folder, so the store holds no extra files."""
+    root = _require_group(store._root, TABLES, {"rotelab_tables": 1})
+    _require_group(root, name, {})
+    fd = os.open(store.path / TABLES / name, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _encode(s: pd.Series) -> tuple[np.ndarray, str, np.ndarray | None]:
@@ -111,9 +133,6 @@ def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
         raise StoreError(f"store {store.path}: table {name!r} has repeated column names")
-    root = _require_group(store._root, TABLES, {"rotelab_tables": 1})
-    tgroup = _require_group(root, name, {})
-    version = f"v{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
     kinds, dtypes, has_mask = [], [], []
     encoded = []
     for c in df.columns:
@@ -133,9 +152,20 @@ def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
             "index_names": index_names,
         }
     )
+    with _table_lock(store, name):
+        _write_version(store, name, encoded, meta)
+
+
+def _write_version(store: Store, name: str, encoded: list[tuple[np.ndarray, np.ndarray | None]], meta: dict[str, Any]) -> None:
+    """Build a new version, switch ``current`` to it, remove the versions before the previous one
+    (partial ones of killed writers included). Call with the table's lock held."""
+    root = _require_group(store._root, TABLES, {"rotelab_tables": 1})
+    tgroup = _require_group(root, name, {})
+    version = f"v{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    previous = _current(store, name)
     with quiet():
         vg = tgroup.create_group(version, attributes=meta)
-        n = len(df)
+        n = int(meta["n_rows"])
         for i, (values, mask) in enumerate(encoded):
             for prefix, v in (("c", values), ("n", mask)):
                 if v is None:
@@ -153,10 +183,9 @@ def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
                 if n:
                     arr[:] = v.astype(STR_DTYPE) if is_str else v
     tgroup.update_attributes({"current": version})  # the switch: one atomic zarr.json replace
-    current = _current(store, name)
     tdir = store.path / TABLES / name
     for d in tdir.iterdir():
-        if d.is_dir() and d.name.startswith("v") and d.name < version and d.name != current:
+        if d.is_dir() and d.name.startswith("v") and d.name not in (version, previous):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -137,8 +137,7 @@ class Store:
         for e in entries:
             if not e.is_dir() or e.name.startswith("."):
                 continue
-            meta = _read_json(Path(e.path) / "zarr.json")
-            if meta and meta.get("node_type") == "group" and (meta.get("attributes") or {}).get("rotelab_kind"):
+            if _kind_complete(_read_json(Path(e.path) / "zarr.json")):
                 out.append(e.name)
         return out
 
@@ -148,7 +147,7 @@ class Store:
     def kind(self, kind: str) -> KindGroup:
         """The group of ``kind``; MissingDataError if absent."""
         meta = _read_json(self._path / kind / "zarr.json") if _valid_kind_name(kind) else None
-        if not meta or not (meta.get("attributes") or {}).get("rotelab_kind"):
+        if not _kind_complete(meta):
             raise MissingDataError(f"store {self._path}: no kind {kind!r} (kinds: {', '.join(self.kinds()) or 'none'})")
         return KindGroup(self, kind)
 
@@ -187,10 +186,13 @@ class Store:
         if hidden is not None and int(hidden) <= 0:
             raise StoreError(f"{where}: hidden must be positive")
 
+        # Creation is resumable: the group is made with ``rotelab_kind_pending`` and only gets
+        # ``rotelab_kind`` (what readers look for) once its coordinates and item table are written;
+        # a later call completes a group a killed writer left half made.
         gdir = self._path / kind
         if not (gdir / "zarr.json").is_file():
             attrs = {
-                "rotelab_kind": kind,
+                "rotelab_kind_pending": kind,
                 "item_columns": list(cols),
                 # CF convention: xarray makes the item table coordinates along `item`
                 "coordinates": " ".join(c for c in cols if c != "item"),
@@ -202,7 +204,8 @@ class Store:
                 pass
         with quiet():
             g: zarr.Group = self._root[kind]  # type: ignore[assignment]
-        if g.attrs.get("rotelab_kind") != kind:
+        complete = g.attrs.get("rotelab_kind") == kind
+        if not complete and g.attrs.get("rotelab_kind_pending") != kind:
             raise StoreError(f"{where}: group exists but is not a rotelab kind group")
         if [str(c) for c in g.attrs.get("item_columns", [])] != list(cols):
             raise StoreMismatchError(
@@ -263,6 +266,8 @@ class Store:
             cp_arr = g["checkpoint"]  # type: ignore[assignment]
             cp_arr.resize((len(cps),))  # type: ignore[union-attr]
             cp_arr[:] = np.array(cps, dtype=STR_DTYPE)  # type: ignore[index]
+        if not complete:  # the switch that makes the group visible to readers
+            g.update_attributes({"rotelab_kind": kind})
 
         if hidden is not None:
             h = int(hidden)
@@ -271,6 +276,17 @@ class Store:
                 ("activations", ["checkpoint", "layer", "item", "hidden"], (nc, nl, n, h), ["checkpoint", "layer"]),
                 ("final_norm", ["checkpoint", "item", "hidden"], (nc, n, h), ["checkpoint"]),
             ):
+                # the marker before its data array: an existing data array always has its marker
+                create_or_open_array(
+                    g,
+                    commits.marker_name(name),
+                    shape=shape[: len(cell)],
+                    dtype="uint8",
+                    chunks=tuple(1 for _ in cell),
+                    fill_value=0,
+                    dims=cell,
+                    attributes={ROLE: "marker", "rotelab_marks": name},
+                )
                 arr = create_or_open_array(
                     g,
                     name,
@@ -283,16 +299,6 @@ class Store:
                 )
                 if int(arr.shape[-1]) != h:
                     raise StoreMismatchError(f"{where}: {name} has hidden {arr.shape[-1]}, not {h}")
-                create_or_open_array(
-                    g,
-                    commits.marker_name(name),
-                    shape=shape[: len(cell)],
-                    dtype="uint8",
-                    chunks=tuple(1 for _ in cell),
-                    fill_value=0,
-                    dims=cell,
-                    attributes={ROLE: "marker", "rotelab_marks": name},
-                )
         return KindGroup(self, kind)
 
     def _grow(self, g: zarr.Group, n_checkpoints: int) -> None:
@@ -347,6 +353,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self._path)!r}, mode={self.mode!r}, kinds={self.kinds()})"
+
+
+def _kind_complete(meta: dict[str, Any] | None) -> bool:
+    """Whether a group's metadata marks a kind group whose creation finished (see ensure_kind)."""
+    return bool(meta and meta.get("node_type") == "group" and (meta.get("attributes") or {}).get("rotelab_kind"))
 
 
 def _valid_kind_name(kind: str) -> bool:
