@@ -21,7 +21,11 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fact datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: runs/<config name>).")]
+# Options every stage takes. ``--run-dir`` is the spelling for launchers (torchrun abbreviates ``--run``).
+RunOpt = Annotated[
+    Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: runs/<config name>).")
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
 Target = Annotated[str, typer.Argument(help="A config YAML or an existing run directory.")]
 
 
@@ -61,6 +65,7 @@ def run_cmd(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name (default: the config's name).")] = None,
     stages: Annotated[Optional[str], typer.Option(help="Comma-separated subset of data,train,eval,capture,analyze,figures,summary.")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<name> go.")] = Path("runs"),
+    no_progress: NoProgress = False,
 ) -> None:
     """All stages, from facts to figures and summary.md; each stage skips what is already done."""
     from rotelab.config import load_config
@@ -69,7 +74,9 @@ def run_cmd(
     cfg = load_config(config)
     if name:
         cfg = cfg.model_copy(update={"name": name})
-    results = run_config(cfg, run_dir=run, runs_dir=runs_dir, stages=tuple(_csv(stages) or STAGES), echo=typer.echo)
+    results = run_config(
+        cfg, run_dir=run, runs_dir=runs_dir, stages=tuple(_csv(stages) or STAGES), progress=not no_progress, echo=typer.echo
+    )
     for res in results:
         if res.summary:
             typer.echo("")
@@ -108,6 +115,7 @@ def capture(
         Optional[str],
         typer.Option(help="i/n: capture only checkpoints whose position % n == i (default: RANK/WORLD_SIZE if set)."),
     ] = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Capture the last prompt token's hidden state at every layer into the run's store (resumable)."""
     from rotelab.probe.capture import capture_run, parse_shard
@@ -121,6 +129,7 @@ def capture(
         layers=_int_list(layers, "--layers"),
         items=_int_list(items, "--items"),
         shard=parse_shard(shard) if shard else None,
+        progress=not no_progress,
     )
 
 
@@ -128,7 +137,7 @@ def capture(
 def train_cmd(
     target: Target,
     run: RunOpt = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Train what the run still misses: base checkpoint, phase 1, phase 2, baselines (resumable).
 
@@ -150,7 +159,7 @@ def eval_cmd(
     checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
     kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: eval.kinds or all).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Accuracy (object probability, multiple choice, generation) of every checkpoint × prompt kind
     not yet in the store; prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
@@ -185,7 +194,7 @@ def analyze_cmd(
     target: Target,
     run: RunOpt = None,
     kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: every captured kind).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """ΔCosSim curves, PCA/UMAP projections, key-token alignment drift and (analyses.patching)
     activation patching into the run's store; does only what is missing."""
@@ -208,6 +217,7 @@ def analyze_cmd(
 def figures_cmd(
     target: Target,
     run: RunOpt = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Render the paper's figures (PNG + PDF + SVG + CSV) whose data exist into the run's figures/."""
     from rotelab.analyses import figures_run
@@ -217,33 +227,50 @@ def figures_cmd(
     if not Path(target).is_dir():
         from rotelab.pipeline import run_pipeline
 
-        run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), echo=typer.echo)
+        run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), progress=not no_progress, echo=typer.echo)
     out = figures_run(r, note=lambda m: None)
     for name, path in out.items():
         typer.echo(f"{name:28s} {path}")
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: every failure is one line on stderr — user errors (``rotelab: error: …``) and
+    usage errors exit 2, Ctrl-C exits 130 (``rotelab: interrupted``)."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except RotelabError as err:
-        typer.echo(f"rotelab: error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
     except KeyboardInterrupt:
-        typer.echo("rotelab: interrupted", err=True)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as err:  # click usage errors
-        import click
+        _interrupted()
+    except typer.TyperException as err:  # usage errors of typer's (bundled) click
+        if not err.format_message().strip():  # `rotelab` alone: the help was printed
+            sys.exit(getattr(err, "exit_code", 2))
+        _fail(_usage_message(err))
+    except OSError as err:  # e.g. a full disk in a library's writer: name the file, keep it one line
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or err}")
+    if rc == 130:  # typer turns a KeyboardInterrupt inside a command into Exit(130)
+        _interrupted()
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _usage_message(err: typer.TyperException) -> str:
+    msg = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        msg += f" (see: {ctx.command_path} --help)"
+    return msg
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"rotelab: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+def _interrupted() -> None:
+    typer.echo("rotelab: interrupted", err=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ runs/<name>/
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from datetime import datetime, timezone
 from functools import cached_property
@@ -24,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from rotelab.checkpoints import CheckpointEntry, read_index
-from rotelab.config import Config, config_from_dict, load_config, result_differences
+from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
+from rotelab.config import NON_RESULT_KEYS, Config, config_from_dict, flatten, load_config, result_differences
 from rotelab.errors import RotelabError
 from rotelab.facts import (
     Fact,
@@ -57,6 +58,24 @@ def _sha256(*paths: Path) -> str:
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+#: Config keys the dataset hash covers already (and whose spelling, e.g. a relative path, may vary).
+_FINGERPRINT_EXCLUDED = frozenset({"data.facts_file", "data.relations_file"})
+
+
+def config_sha256(config: Config) -> str:
+    """Hash of every result-relevant config value (all keys but :data:`NON_RESULT_KEYS`) that
+    differs from the schema's default: two runs get the same hash iff they agree on everything that
+    changes results, and a key added to the schema later (with its default) changes no hash."""
+    values = flatten(config.model_dump(mode="json"))
+    defaults = flatten(Config().model_dump(mode="json"))
+    relevant = {
+        k: v
+        for k, v in values.items()
+        if k not in NON_RESULT_KEYS and k not in _FINGERPRINT_EXCLUDED and (k not in defaults or defaults[k] != v)
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Run:
@@ -239,20 +258,27 @@ class Run:
         p = self.root / e.path
         if not (p / "config.json").is_file():
             raise RotelabError(f"{p}: checkpoint folder of {e.id!r} is missing or incomplete")
+        verify_weights(p, e.id)
         return p
 
     def fingerprint(self) -> dict[str, str]:
-        """What a store written for this run must match: model, tokenizer and dataset hashes."""
+        """What a store written for this run must match, so that a store is only ever reused by
+        the run that wrote it: model name, dataset hash, the hash of every result-relevant config
+        value (:func:`config_sha256`), and the series' identity — the base checkpoint's tokenizer
+        and weights hashes (recorded in the index when it was written)."""
         self.ensure_data()
         fp = {
             "model": self.config.model.name,
             "dataset": _sha256(self.data_dir / "facts.jsonl", self.data_dir / "relations.yaml"),
+            "config": config_sha256(self.config),
         }
         base = [e for e in self.checkpoints() if e.phase == "base" and e.path]
         if base:
             tok = self.root / base[0].path / "tokenizer.json"
             if tok.is_file():
                 fp["tokenizer"] = _sha256(tok)
+            if base[0].sha256:
+                fp["base_weights"] = base[0].sha256
         return fp
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rotelab.checkpoints import CheckpointEntry, read_index
+from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 from rotelab.train import engine as eng
@@ -151,6 +151,10 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
         return []
     listed = {e.id: e for e in read_index(run.index_path)}
     done = [(pid, s) for pid, s in points if pid in listed]
+    if done:  # the point everything after rests on: verify its files before trusting it
+        last = listed[done[-1][0]]
+        if last.path is not None:
+            verify_weights(run.root / last.path, last.id, last.sha256)
     if len(done) == len(points):
         if eng.rank() == 0:
             _drop_resume_state(run, stage)
@@ -270,12 +274,15 @@ def _save_point(run: Run, stage: Stage, engine, tok, entry: CheckpointEntry, zer
     rdir = _resume_dir(run, stage)
     try:
         engine.save_checkpoint(str(rdir), tag=entry.id, client_state={"step": entry.step, "rng": _rng_state()}, save_latest=False)
-    except OSError as err:
-        raise RotelabError(f"{rdir}: cannot save the resume state of {entry.id!r} ({err.strerror or err}); existing checkpoints are untouched") from None
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+        shutil.rmtree(rdir / entry.id, ignore_errors=True)
+        raise RotelabError(
+            f"{rdir}: cannot save the resume state of {entry.id!r} ({series.write_failure(err)}); existing checkpoints are untouched"
+        ) from None
     sd = _gather_state_dict(engine, zero_stage)
     if rank == 0:
-        path = series.write_checkpoint_folder(run, entry.id, lambda d: series.save_weights(engine.module, tok, d, dtype, sd))
-        entry = replace(entry, path=path)
+        path, sha = series.write_checkpoint_folder(run, entry.id, lambda d: series.save_weights(engine.module, tok, d, dtype, sd))
+        entry = replace(entry, path=path, sha256=sha)
         series.append_entry(run, entry)
         for old in rdir.iterdir():
             if old.is_dir() and old.name != entry.id:

@@ -73,8 +73,8 @@ def ensure_base_checkpoint(run: Run) -> CheckpointEntry:
         model, tok = load_model(cfg.model.name, "float32")
         tokens = list(run.key_tokens().values()) if cfg.phase1.mode == "key" else []
         ids = add_key_tokens(model, tok, tokens, cfg.model.key_token_init, cfg.seed) if tokens else {}
-        path = series.write_checkpoint_folder(run, "base", lambda d: series.save_weights(model, tok, d, cfg.model.dtype))
-        entry = CheckpointEntry(id="base", phase="base", epoch=0.0, step=0, tokens_seen=0, loss=None, path=path, series="main")
+        path, sha = series.write_checkpoint_folder(run, "base", lambda d: series.save_weights(model, tok, d, cfg.model.dtype))
+        entry = CheckpointEntry(id="base", phase="base", epoch=0.0, step=0, tokens_seen=0, loss=None, path=path, series="main", sha256=sha)
         series.update_index(run, [entry], model=cfg.model.name, key_token_ids=ids, phase1_key=phase1_key(cfg))
     if _dist_ready():
         eng.barrier()
@@ -190,6 +190,7 @@ def train_run(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     """Everything the train stage still misses: data, base, phase 1, phase 2, baselines.
     Returns the whole series (all series, index order)."""
     validate(run)
+    series.verify_last_points(run)
     eng.init_distributed()
     ensure_base_checkpoint(run)
     train_phase1(run, progress=progress)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rotelab.checkpoints import CheckpointEntry, read_index, write_index
+from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights, weights_sha256, write_index
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 
@@ -57,11 +57,12 @@ def save_weights(module, tokenizer, out_dir: Path, dtype: str, state_dict: dict 
     tokenizer.save_pretrained(out_dir)
 
 
-def write_checkpoint_folder(run: Run, ckpt_id: str, write) -> str:
+def write_checkpoint_folder(run: Run, ckpt_id: str, write) -> tuple[str, str]:
     """Run ``write(tmp_dir)`` into ``checkpoints/.tmp-<id>`` and rename it to ``checkpoints/<id>``.
 
-    Returns the path relative to the run. A failure (e.g. a full disk) removes the temporary
-    folder and raises a one-line :class:`RotelabError`; nothing already listed is touched.
+    Returns the path relative to the run and the folder's :func:`weights_sha256` (for the index
+    entry). A failure (e.g. a full disk) removes the temporary folder and raises a one-line
+    :class:`RotelabError`; nothing already listed is touched.
     """
     run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     tmp = run.checkpoints_dir / f".tmp-{ckpt_id}"
@@ -71,16 +72,39 @@ def write_checkpoint_folder(run: Run, ckpt_id: str, write) -> str:
     try:
         tmp.mkdir()
         write(tmp)
-    except OSError as err:
+        verify_weights(tmp, ckpt_id)  # a writer that swallowed a short write is caught here
+        sha = weights_sha256(tmp)
+    except (OSError, RuntimeError, RotelabError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise RotelabError(f"{final}: cannot save checkpoint {ckpt_id!r} ({why}); existing checkpoints are untouched") from None
+        raise RotelabError(f"{final}: cannot save checkpoint {ckpt_id!r} ({write_failure(err)}); existing checkpoints are untouched") from None
     if final.is_symlink():
         final.unlink()
     elif final.exists():  # left over by a killed run, never listed in the index
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return str(final.relative_to(run.root))
+    return str(final.relative_to(run.root)), sha
+
+
+def write_failure(err: BaseException) -> str:
+    """A short reason for a failed write: ``disk full`` for ENOSPC (also when a library wrapped it
+    in a RuntimeError, as torch's writer does), else the error's first line."""
+    msg = str(err)
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in msg:
+        return "disk full"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return (msg.splitlines()[0] if msg else type(err).__name__)[:200]
+
+
+def verify_last_points(run: Run) -> None:
+    """Verify (size and recorded sha256) the last listed point with weights of every series:
+    what a finished train would otherwise report as done without looking at it."""
+    last: dict[str, CheckpointEntry] = {}
+    for e in read_index(run.index_path):
+        if e.path is not None:
+            last[e.series] = e
+    for e in last.values():
+        verify_weights(run.root / e.path, e.id, e.sha256)
 
 
 def append_entry(run: Run, entry: CheckpointEntry) -> None:
