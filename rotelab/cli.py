@@ -144,10 +144,12 @@ def train_cmd(
     On GPUs launch through DeepSpeed: deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR
     """
     from rotelab.run import Run
+    from rotelab.runlock import run_lock
     from rotelab.train import train_run
 
     r = Run.from_target(target, run)
-    entries = train_run(r, progress=not no_progress)
+    with run_lock(r.root, "rotelab train"):
+        entries = train_run(r, progress=not no_progress)
     typer.echo(f"{r.root}: {len(entries)} checkpoints ({', '.join(e.id for e in entries[:3])}{', …' if len(entries) > 3 else ''})")
 
 
@@ -169,9 +171,11 @@ def eval_cmd(
 
     r = Run.from_target(target, run)
     if not r.checkpoints() and not Path(target).is_dir():
+        from rotelab.runlock import run_lock
         from rotelab.train import train_run
 
-        train_run(r, progress=not no_progress)
+        with run_lock(r.root, "rotelab eval (training first)"):
+            train_run(r, progress=not no_progress)
     sh = Shard.parse(shard)
     table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
@@ -200,13 +204,15 @@ def analyze_cmd(
     activation patching into the run's store; does only what is missing."""
     from rotelab.analyses import analyze_run
     from rotelab.run import Run
+    from rotelab.runlock import run_lock
 
     r = Run.from_target(target, run)
-    if not Path(target).is_dir():
-        from rotelab.pipeline import run_pipeline
+    with run_lock(r.root, "rotelab analyze"):
+        if not Path(target).is_dir():
+            from rotelab.pipeline import run_pipeline
 
-        run_pipeline(r, stages=("data", "train", "capture"), progress=not no_progress, echo=typer.echo)
-    summary = analyze_run(r, kinds=_csv(kinds), progress=not no_progress, note=typer.echo)
+            run_pipeline(r, stages=("data", "train", "capture"), progress=not no_progress, echo=typer.echo)
+        summary = analyze_run(r, kinds=_csv(kinds), progress=not no_progress, note=typer.echo)
     dc = sum(summary["delta_cossim"].values())
     pr = sum(summary["projections"].values())
     typer.echo(f"{r.root}: written now: ΔCosSim rows {dc}, projection cells {pr}; alignment table rows {summary['alignment']}; "
@@ -222,13 +228,15 @@ def figures_cmd(
     """Render the paper's figures (PNG + PDF + SVG + CSV) whose data exist into the run's figures/."""
     from rotelab.analyses import figures_run
     from rotelab.run import Run
+    from rotelab.runlock import run_lock
 
     r = Run.from_target(target, run)
-    if not Path(target).is_dir():
-        from rotelab.pipeline import run_pipeline
+    with run_lock(r.root, "rotelab figures"):
+        if not Path(target).is_dir():
+            from rotelab.pipeline import run_pipeline
 
-        run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), progress=not no_progress, echo=typer.echo)
-    out = figures_run(r, note=lambda m: None)
+            run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), progress=not no_progress, echo=typer.echo)
+        out = figures_run(r, note=lambda m: None)
     for name, path in out.items():
         typer.echo(f"{name:28s} {path}")
 

@@ -85,10 +85,18 @@ def run_pipeline(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> PipelineResult:
-    """Run the stages in order on one run; each skips what is already done."""
+    """Run the stages in order on one run; each skips what is already done. Holds the run's
+    writer lock (:mod:`rotelab.runlock`) throughout."""
+    from rotelab.runlock import run_lock
+
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RotelabError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+    with run_lock(run.root, "rotelab run " + ",".join(stages)):
+        return _run_stages(run, stages, progress, echo)
+
+
+def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callable[[str], None]) -> PipelineResult:
     fns = _stage_functions(progress)
     result = PipelineResult(run)
     t_all = time.perf_counter()

@@ -1,0 +1,141 @@
+"""Two writers on one run, as real processes: a second ``rotelab train`` (or ``analyze``) on a run
+being trained is refused with one line naming the holder; the lock of a killed holder is taken
+over; two processes replacing one store table while a third reads it never break it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+from cli_helpers import cli_env, error_line, popen, rotelab
+from rotelab.checkpoints import read_index
+
+LONG = {
+    "name": "long",
+    "model": {"name": "tiny-llama"},
+    "data": {"relations": ["capital"], "facts_per_relation": 4, "distractors": 5, "languages": ["de"]},
+    # one step per epoch, a checkpoint every 3 steps: points are written while the test runs
+    "phase1": {"epochs": 3000, "batch_size": 4, "save_every": 3},
+    "phase2": {"enabled": False},
+}
+
+
+def _wait_training(proc: subprocess.Popen[str], run: Path, min_rows: int) -> None:
+    log = run / "logs" / "train_loss.csv"
+    deadline = time.time() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) > min_rows):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+
+
+def _lock_pid(run: Path) -> int | None:
+    try:
+        return int(json.loads((run / ".rotelab.lock").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(LONG))
+    run = tmp_path / "r"
+    first = popen("train", "long.yaml", "--run", "r", "--no-progress", cwd=tmp_path)
+    try:
+        _wait_training(first, run, 3)
+        for stage in ("train", "analyze"):
+            line = error_line(rotelab(stage, run, "--no-progress", cwd=tmp_path))
+            assert f"run {run} is being written by pid {first.pid} on host {socket.gethostname()} since " in line, line
+            assert "(rotelab train)" in line, line
+        assert first.poll() is None, "the first writer was disturbed"
+        _wait_training(first, run, 8)
+        os.kill(first.pid, signal.SIGKILL)  # leaves its lock file behind
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    rows_at_kill = len((run / "logs" / "train_loss.csv").read_text().splitlines())
+    third = popen("train", run, "--no-progress", cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        while _lock_pid(run) != third.pid:
+            assert third.poll() is None, third.communicate()[1][-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        _wait_training(third, run, rows_at_kill + 2)  # it resumed and trains on
+        third.send_signal(signal.SIGINT)
+        third.communicate(timeout=120)
+        assert third.returncode == 130
+    finally:
+        if third.poll() is None:
+            third.kill()
+    # one writer at a time: the index is the planned series in order, the loss log each step once
+    ids = [e.id for e in read_index(run / "checkpoints" / "index.json")]
+    assert ids == ["base"] + [f"p1-s{3 * i:06d}" for i in range(1, len(ids))], ids
+    steps = [int(r.split(",")[1]) for r in (run / "logs" / "train_loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, len(steps) + 1))
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np, pandas as pd
+    from rotelab.store import Store
+    st = Store.open(sys.argv[1], fingerprint={"m": "1"})
+    tag = int(sys.argv[2])
+    for i in range(int(sys.argv[3])):
+        n = 50 + (7 * i + tag) % 40
+        st.write_table("alignment", pd.DataFrame({"writer": [tag] * n, "i": [i] * n, "x": np.arange(n) * 0.5}))
+    """
+)
+
+READER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from rotelab.store import Store
+    st = Store.open(sys.argv[1], mode="r")
+    stop, reads, bad = Path(sys.argv[2]), 0, 0
+    while not stop.exists():
+        df = st.read_table("alignment")  # raises if the table broke
+        if df is not None:
+            n = len(df)
+            ok = n == 50 + (7 * int(df["i"][0]) + int(df["writer"][0])) % 40 and df["writer"].nunique() == 1
+            bad += not ok
+            reads += 1
+    print(reads, bad)
+    """
+)
+
+
+def test_concurrent_table_writers_and_a_reader_never_break_the_table(tmp_path: Path) -> None:
+    from rotelab.store import Store
+
+    store = tmp_path / "store.zarr"
+    Store.open(store, fingerprint={"m": "1"})
+    stop = tmp_path / "stop"
+    env = cli_env()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(stop)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(t), "25"], env=env,
+                                stderr=subprocess.PIPE, text=True) for t in (1, 2)]
+    for w in writers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+    stop.touch()
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err[-3000:]
+    reads, bad = map(int, out.split())
+    assert reads > 0 and bad == 0, (reads, bad)
+    st = Store.open(store, mode="r")
+    df = st.read_table("alignment")
+    assert df is not None and df["i"].iloc[0] == 24  # the last write of one of the writers
+    versions = [d for d in (store / "tables" / "alignment").iterdir() if d.is_dir()]
+    assert len(versions) <= 2, versions
