@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rotelab.errors import RotelabError  # noqa: E402
+from rotelab.store import MissingDataError  # noqa: E402
 
 from ._common import open_store, reference_checkpoint, stage_checkpoints  # noqa: E402
 from .metrics import METRIC_LABELS, metric_table  # noqa: E402
@@ -392,6 +393,7 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
     ``"skipped: <why>"`` (each skip is also passed to ``note``)."""
     out: dict[str, str] = {}
     jobs: list[tuple[str, Callable[[], Figure]]] = []
+    run.checkpoints()  # a corrupt index is an error, not a reason to draw nothing
     try:
         table = metric_table(run)
     except RotelabError as e:
@@ -404,7 +406,7 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
     try:
         st = open_store(run, "r")
         kinds = st.kinds()
-    except RotelabError as e:
+    except MissingDataError as e:  # no store yet; a foreign or broken one is an error
         note(f"store: {e}")
     for k in kinds:
         if "proj_pca" in st.kind(k).derived_arrays():

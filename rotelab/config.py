@@ -257,6 +257,11 @@ def load_config(path: str | Path) -> Config:
     data = data or {}
     if isinstance(data, dict):
         data.setdefault("name", p.stem)
+        section = data.get("data")
+        if isinstance(section, dict):  # the user's files are relative to the config, not the cwd
+            for key in ("facts_file", "relations_file"):
+                if isinstance(section.get(key), str) and not Path(section[key]).expanduser().is_absolute():
+                    section[key] = str((p.parent / section[key]).resolve())
     return config_from_dict(data, str(p))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
@@ -103,9 +104,22 @@ class Run:
                     f"{cfg_path}: run exists with a different config ({', '.join(diff)}); use another --run directory"
                 )
             config = stored.model_copy(update={k: getattr(config, k) for k in ("eval", "capture", "analyses")})
+            run = cls(root, config)
+            run.write_config()
+            return run
+        # a new run: its directory exists only once its data are valid (a failed check leaves
+        # nothing behind that would make the corrected config "a different config")
+        fresh = not root.exists()
         run = cls(root, config)
         root.mkdir(parents=True, exist_ok=True)
-        run.write_config()
+        try:
+            run.ensure_data()
+            run.write_config()
+        except BaseException:
+            shutil.rmtree(run.data_dir, ignore_errors=True)
+            if fresh:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         return run
 
     @classmethod

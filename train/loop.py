@@ -11,6 +11,7 @@ its labelled target tokens (exactly, across micro-batches and ranks).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 import shutil
@@ -96,13 +97,15 @@ def _truncate_loss_log(run: Run, stage: str, after_step: int) -> None:
     path = _loss_log(run)
     if not path.is_file():
         return
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    keep = [r for r in rows if not (r.get("stage") == stage and int(r.get("step", 0)) > after_step)]
-    if len(keep) == len(rows):
+    text = path.read_text(encoding="utf-8")
+    cut = not text.endswith("\n")  # a kill mid-write left a partial last row: drop it
+    if cut:
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    keep = [r for r in rows if not (r.get("stage") == stage and int(r.get("step") or 0) > after_step)]
+    if len(keep) == len(rows) and not cut:
         return
     from rotelab.facts import atomic_write_text
-    import io
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(LOSS_FIELDS))
@@ -275,10 +278,9 @@ def _save_point(run: Run, stage: Stage, engine, tok, entry: CheckpointEntry, zer
     try:
         engine.save_checkpoint(str(rdir), tag=entry.id, client_state={"step": entry.step, "rng": _rng_state()}, save_latest=False)
     except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+        why = series.write_failure(err, rdir)
         shutil.rmtree(rdir / entry.id, ignore_errors=True)
-        raise RotelabError(
-            f"{rdir}: cannot save the resume state of {entry.id!r} ({series.write_failure(err)}); existing checkpoints are untouched"
-        ) from None
+        raise RotelabError(f"{rdir}: cannot save the resume state of {entry.id!r} ({why}); existing checkpoints are untouched") from None
     sd = _gather_state_dict(engine, zero_stage)
     if rank == 0:
         path, sha = series.write_checkpoint_folder(run, entry.id, lambda d: series.save_weights(engine.module, tok, d, dtype, sd))

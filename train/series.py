@@ -75,8 +75,9 @@ def write_checkpoint_folder(run: Run, ckpt_id: str, write) -> tuple[str, str]:
         verify_weights(tmp, ckpt_id)  # a writer that swallowed a short write is caught here
         sha = weights_sha256(tmp)
     except (OSError, RuntimeError, RotelabError) as err:
+        why = write_failure(err, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RotelabError(f"{final}: cannot save checkpoint {ckpt_id!r} ({write_failure(err)}); existing checkpoints are untouched") from None
+        raise RotelabError(f"{final}: cannot save checkpoint {ckpt_id!r} ({why}); existing checkpoints are untouched") from None
     if final.is_symlink():
         final.unlink()
     elif final.exists():  # left over by a killed run, never listed in the index
@@ -85,12 +86,19 @@ def write_checkpoint_folder(run: Run, ckpt_id: str, write) -> tuple[str, str]:
     return str(final.relative_to(run.root)), sha
 
 
-def write_failure(err: BaseException) -> str:
-    """A short reason for a failed write: ``disk full`` for ENOSPC (also when a library wrapped it
-    in a RuntimeError, as torch's writer does), else the error's first line."""
+def write_failure(err: BaseException, where: Path) -> str:
+    """A short reason for a failed write under ``where``: ``disk full`` for ENOSPC, also when a
+    library wrapped it in another error (torch's writer raises a RuntimeError about positions):
+    then the free space of ``where``'s file system tells; else the error's first line."""
     msg = str(err)
     if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in msg:
         return "disk full"
+    try:
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if free is not None and free < 16 << 20:
+        return f"disk full: {free >> 10} KiB free"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return (msg.splitlines()[0] if msg else type(err).__name__)[:200]
