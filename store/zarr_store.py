@@ -25,7 +25,8 @@ from ._zarr import CELL_DIMS, ROLE, STR_DTYPE, create_or_open_array, dims_of, qu
 from .errors import MissingDataError, StoreError, StoreMismatchError
 from .kind_group import _CHECKPOINT_COORD_CHUNK, _RESERVED, KindGroup, _equal_columns, normalize_items
 
-STORE_FORMAT = 1
+#: 2: the fingerprint covers everything the caller gives (format-1 stores recorded fewer keys).
+STORE_FORMAT = 2
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -48,6 +49,13 @@ def _exclusive_write(path: Path, payload: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _replace_json(path: Path, obj: dict[str, Any]) -> None:
+    """Replace ``path`` atomically with ``obj`` as JSON."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.write_bytes(json.dumps(obj, indent=2).encode())
+    os.replace(tmp, path)
 
 
 class Store:
@@ -105,6 +113,14 @@ class Store:
         if "rotelab_store" not in attrs:
             raise StoreError(f"store {p}: zarr group is not a rotelab store (no rotelab_store attribute)")
         stored = {str(k): str(v) for k, v in (attrs.get("fingerprint") or {}).items()}
+        if given is not None and given != stored and attrs.get("rotelab_store") == 1 and stored:
+            # a format-1 store recorded fewer keys: adopt it when all it recorded agrees, and (as a
+            # writer) record the full fingerprint, so from now on it is checked like any other
+            if all(given.get(k) == v for k, v in stored.items()):
+                stored = {**stored, **given}
+                if mode == "a":
+                    meta["attributes"] = {**attrs, "rotelab_store": STORE_FORMAT, "fingerprint": stored}
+                    _replace_json(meta_path, meta)
         if given is not None and given != stored:
             keys = sorted(k for k in set(given) | set(stored) if given.get(k) != stored.get(k))
             raise StoreMismatchError(

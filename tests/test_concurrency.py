@@ -126,10 +126,15 @@ def test_concurrent_table_writers_and_a_reader_never_break_the_table(tmp_path: P
                               stderr=subprocess.PIPE, text=True)
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(t), "25"], env=env,
                                 stderr=subprocess.PIPE, text=True) for t in (1, 2)]
-    for w in writers:
-        _, err = w.communicate(timeout=300)
-        assert w.returncode == 0, err[-3000:]
-    stop.touch()
+    try:
+        for w in writers:
+            _, err = w.communicate(timeout=300)
+            assert w.returncode == 0, err[-3000:]
+    finally:
+        stop.touch()
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
     out, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, err[-3000:]
     reads, bad = map(int, out.split())

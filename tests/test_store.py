@@ -558,3 +558,21 @@ def test_kill9_resume_equals_uninterrupted(tmp_path: Path) -> None:
     for name in ("object_prob", "gen_text"):
         np.testing.assert_array_equal(kg.read_item_array(name), ref.read_item_array(name))
     assert kg.item_arrays() == ref.item_arrays()
+
+
+def test_a_format_1_store_is_adopted_only_when_its_recorded_fingerprint_agrees(tmp_path: Path) -> None:
+    """Stores written before the fingerprint covered the config recorded fewer keys: such a store
+    is accepted when all it recorded agrees, then records the full fingerprint and is checked
+    strictly from then on."""
+    import json
+
+    p = tmp_path / "old.zarr"
+    Store.open(p, fingerprint={"model": "m", "dataset": "d"})
+    meta = json.loads((p / "zarr.json").read_text())
+    meta["attributes"]["rotelab_store"] = 1  # as the older version wrote it
+    (p / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreMismatchError, match="dataset"):
+        Store.open(p, fingerprint={"model": "m", "dataset": "other", "config": "c1"})
+    assert Store.open(p, fingerprint={"model": "m", "dataset": "d", "config": "c1"}).fingerprint["config"] == "c1"
+    with pytest.raises(StoreMismatchError, match="config"):
+        Store.open(p, fingerprint={"model": "m", "dataset": "d", "config": "c2"})
