@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,16 @@ def rotelab(*args: str | Path, cwd: Path | None = None, timeout: float = 600) ->
     return subprocess.run([ROTELAB, *map(str, args)], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _default_sigint() -> None:
+    # a test run started in the background of a shell has SIGINT ignored, and children inherit
+    # that; the command under test must see Ctrl-C as a terminal would deliver it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(*args: str | Path, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """Start ``rotelab ARGS…`` (SIGINT at its default, as from a terminal)."""
     return subprocess.Popen([ROTELAB, *map(str, args)], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
