@@ -85,10 +85,17 @@ def probe_ids(checkpoint_dir: Path) -> list[int]:
 def reference_logprobs(checkpoint_dir: Path, ids: Sequence[int]) -> np.ndarray:
     """float64 [len(ids) - 1]: log P(ids[j] | ids[:j]) from a plain transformers forward (float32, CPU)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from rotelab.models import load_model
 
-    model, _ = load_model(str(checkpoint_dir), "float32", "cpu")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per checkpoint in eval's output
+    try:
+        model, _ = load_model(str(checkpoint_dir), "float32", "cpu")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     with torch.inference_mode():
         logits = model(torch.tensor([list(ids)])).logits[0, :-1].double()
     lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(list(ids[1:]))[:, None])[:, 0]
