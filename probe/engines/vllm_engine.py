@@ -68,18 +68,32 @@ CHECK_MAX_ABS_FP32 = 2e-3
 CHECK_MEAN_ABS_HALF = 0.1
 
 
+_PROBES: dict[str, list[int]] = {}
+
+
 def probe_ids(checkpoint_dir: Path) -> list[int]:
     """Token ids of the swap check's probe: :data:`PROBE_TEXT`, then every added token (key tokens)
-    with a plain word after each, so the added rows of the input *and* output embeddings are used."""
+    with a plain word after each, so the added rows of the input *and* output embeddings are used.
+    Cached by the tokenizer files' content (a series shares one tokenizer; loading it takes seconds)."""
+    import hashlib
+
     from rotelab.models import load_tokenizer
 
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = Path(checkpoint_dir) / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    key = h.hexdigest()
+    if key in _PROBES:
+        return list(_PROBES[key])
     tok = load_tokenizer(str(checkpoint_dir))
     ids = list(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
     word = list(tok(" the", add_special_tokens=False)["input_ids"])
     for t in sorted(tok.get_added_vocab().values()):
         if t not in tok.all_special_ids:
             ids += [int(t)] + word
-    return ids
+    _PROBES[key] = ids
+    return list(ids)
 
 
 def reference_logprobs(checkpoint_dir: Path, ids: Sequence[int]) -> np.ndarray:
