@@ -1,8 +1,9 @@
 """Accuracy engines: (a) a 5-checkpoint series with one reused vLLM engine (weights swapped in
-place) vs a fresh engine per checkpoint; (b) vLLM vs HF throughput on SmolLM2-135M (CPU here) for
-MC scoring and for greedy generation. Prints times and ratios measured in this invocation.
+place, every swap verified against transformers) vs a fresh engine per checkpoint, with the swap
+check's own cost and result; (b) vLLM vs HF throughput on SmolLM2-135M (CPU here) for MC scoring
+and for greedy generation. Prints times and ratios measured in this invocation.
 
-    .venv/bin/python benchmarks/bench_eval_engines.py [--part a|b|all] [--series 5]
+    .venv/bin/python benchmarks/bench_eval_engines.py [--part a|b|all] [--series 5] [--model tiny-qwen2]
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ def _plans(run, tok, kinds):
     return plan_run(run, tok, kinds)
 
 
-def part_a(tmp: Path, n: int) -> None:
+def part_a(tmp: Path, n: int, model: str) -> None:
     from fixtures_runs import make_tiny_run
 
     from rotelab.models import load_tokenizer
     from rotelab.probe.accuracy_metrics import stop_token_ids
     from rotelab.probe.engines.vllm_engine import VllmEngine
 
-    run = make_tiny_run(tmp / "a", n_checkpoints=n)
+    run = make_tiny_run(tmp / "a", n_checkpoints=n, model=model, noise=0.2)
     dirs = [run.checkpoint_dir(e) for e in run.checkpoints()]
     tok = load_tokenizer(str(dirs[0]))
     plans = _plans(run, tok, ["train", "icl"])
@@ -42,18 +43,32 @@ def part_a(tmp: Path, n: int) -> None:
 
     t0 = time.perf_counter()
     eng = VllmEngine(dirs[0], gpu_memory_utilization=0.1)
+    swap_s, diffs = [], []
     for d in dirs:
+        t1 = time.perf_counter()
         eng.load(d)
+        swap_s.append(time.perf_counter() - t1)
+        diffs.append(eng.check_diff)
         work(eng)
+    restarts = eng.restarts
     eng.close()
     reused = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    eng_check = dirs[1:]
+    from rotelab.probe.engines.vllm_engine import probe_ids, reference_logprobs
+
+    for d in eng_check:
+        reference_logprobs(d, probe_ids(d))
+    ref_s = (time.perf_counter() - t1) / max(1, len(eng_check))
+    print(f"(a) {model}: verified swaps {', '.join(f'{x:.2f}' for x in swap_s[1:])} s each (reference forward alone "
+          f"{ref_s:.2f} s), swap-check max |Δ logprob| {max(x for x in diffs if x is not None):.1e}, restarts {restarts}", flush=True)
     t0 = time.perf_counter()
     for d in dirs:
         eng = VllmEngine(d, gpu_memory_utilization=0.1)
         work(eng)
         eng.close()
     fresh = time.perf_counter() - t0
-    print(f"(a) series of {n} checkpoints (tiny-llama, kinds train+icl): reused engine {reused:.1f} s, "
+    print(f"(a) series of {n} checkpoints ({model}, kinds train+icl): reused engine {reused:.1f} s, "
           f"fresh engine per checkpoint {fresh:.1f} s -> {fresh / reused:.1f}x", flush=True)
 
 
@@ -102,12 +117,13 @@ def main() -> None:
     ap.add_argument("--part", choices=["a", "b", "all"], default="all")
     ap.add_argument("--series", type=int, default=5)
     ap.add_argument("--facts", type=int, default=3, help="(b): facts per relation (2 relations, 1 template per kind)")
+    ap.add_argument("--model", default="tiny-qwen2", help="(a): tiny model of the series (tiny-qwen2 ties its embeddings)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("b", "all"):
             part_b(Path(tmp), args.facts)
         if args.part in ("a", "all"):
-            part_a(Path(tmp), args.series)
+            part_a(Path(tmp), args.series, args.model)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,18 @@ and writes the per-item arrays of :data:`~rotelab.probe.accuracy_metrics.METRIC_
 kind's group (``[checkpoint, item]``), all of a unit in one ``write_item_arrays`` call (data first,
 then one commit marker per array). A unit counts as done only when every array of it is committed,
 so a killed run loses at most the unit it was writing. Results record the engine, its version, the
-dtype, batch size and prefix-caching setting (array attrs ``provenance/<checkpoint>`` and the
-latest at the top level).
+dtype, batch size, prefix-caching setting, :data:`EVAL_CODE_VERSION` and, for vLLM, how the weights
+were loaded and how closely the swap check matched transformers (array attrs
+``provenance/<checkpoint>`` and the latest at the top level).
+
+**Stale units are recomputed.** Up to eval code version 1 (stores written before 2026-12-01, which
+record no ``eval_code_version``), vLLM's in-place weight swap kept the first checkpoint's output
+head on tied-embedding models (SmolLM2, Qwen2.5, GPT-2), so every vLLM result after the first
+checkpoint of an eval invocation was computed with the wrong head. Old provenance does not say
+which checkpoint an engine started on, so *every* unit whose provenance names vLLM (for scoring or
+generation) and whose version is below :data:`VERIFIED_SWAP_VERSION`, and every committed unit
+without provenance (a kill between the commit and the attrs), is recomputed, with a one-line
+notice. ``redo=True`` (``rotelab eval --redo``) recomputes every selected unit.
 
 Before anything is loaded or written, the whole request is validated: checkpoints and their
 folders, the tokenizer's key tokens, and the tokenization of every answer and option (all kinds are
@@ -40,6 +50,12 @@ from .accuracy_metrics import (
     stop_token_ids,
 )
 from .engines import resolve_engines
+
+#: Version of the evaluation code, recorded in every result's provenance (``eval_code_version``).
+#: 1 = no version recorded (vLLM swap defect on tied models); 2 = verified vLLM swap (2026-12-01).
+EVAL_CODE_VERSION = 2
+#: vLLM results written by an eval code version below this are stale (see the module docstring).
+VERIFIED_SWAP_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -140,21 +156,53 @@ def _num_layers(checkpoint_dir: Path) -> int:
     return int(cfg.num_hidden_layers)
 
 
-def _missing_units(run: Run, fingerprint: dict[str, str], entries: list[CheckpointEntry], kinds: list[str]) -> list[tuple[CheckpointEntry, str]]:
-    """(checkpoint, kind) units not yet committed, found without writing anything."""
+def _missing_units(
+    run: Run, fingerprint: dict[str, str], entries: list[CheckpointEntry], kinds: list[str], *, redo: bool = False
+) -> tuple[list[tuple[CheckpointEntry, str]], int]:
+    """``(units to compute, how many of them are committed but stale)`` without writing anything.
+
+    A unit is computed when it is not committed, when :func:`unit_stale` says so, or (``redo``)
+    always.
+    """
     from rotelab.store import Store
 
     if not (run.store_path / "zarr.json").is_file():
-        return [(e, k) for e in entries for k in kinds]
+        return [(e, k) for e in entries for k in kinds], 0
     st = Store.open(run.store_path, fingerprint=fingerprint, mode="r")
     have = set(st.kinds())
     groups = {k: st.kind(k) for k in kinds if k in have}
-    return [(e, k) for e in entries for k in kinds if k not in groups or not unit_done(groups[k], e.id)]
+    todo, stale = [], 0
+    for e in entries:
+        for k in kinds:
+            if k not in groups or not unit_done(groups[k], e.id):
+                todo.append((e, k))
+            elif redo or unit_stale(groups[k], e.id):
+                todo.append((e, k))
+                stale += 0 if redo else 1
+    return todo, stale
 
 
 def unit_done(kg, checkpoint: str) -> bool:
     """Whether all metric arrays of ``checkpoint`` are committed in kind group ``kg``."""
     return all(kg.is_committed(name, checkpoint) for name in METRIC_ARRAYS)
+
+
+def unit_provenance(kg, checkpoint: str) -> dict | None:
+    """The provenance recorded with a committed unit (``None`` where an array lacks it)."""
+    provs = [kg.array_attrs(name).get(f"provenance/{checkpoint}") for name in METRIC_ARRAYS]
+    if any(not isinstance(p, dict) for p in provs):
+        return None
+    return provs[0]
+
+
+def unit_stale(kg, checkpoint: str) -> bool:
+    """Whether a committed unit must be recomputed: no provenance, or vLLM results (scoring or
+    generation) written by an eval code version below :data:`VERIFIED_SWAP_VERSION`."""
+    prov = unit_provenance(kg, checkpoint)
+    if prov is None:
+        return True
+    version = int(prov.get("eval_code_version", 1))
+    return "vllm" in str(prov.get("engine", "")) and version < VERIFIED_SWAP_VERSION
 
 
 class _Engines:
@@ -197,13 +245,19 @@ class _Engines:
 
 
 def _provenance(score_eng, gen_eng) -> dict[str, object]:
-    return {
+    prov: dict[str, object] = {
         "engine": score_eng.name if score_eng.name == gen_eng.name else f"{score_eng.name} (scoring), {gen_eng.name} (generation)",
         "engine_version": score_eng.version if score_eng.version == gen_eng.version else f"{score_eng.version}; {gen_eng.version}",
         "dtype": score_eng.dtype,
         "batch_size": score_eng.batch_size,
         "prefix_caching": bool(score_eng.prefix_caching),
+        "eval_code_version": EVAL_CODE_VERSION,
     }
+    for eng in {id(score_eng): score_eng, id(gen_eng): gen_eng}.values():
+        if getattr(eng, "load_note", None) is not None:  # the vLLM engine: how the weights got there
+            prov["vllm_weights"] = eng.load_note
+            prov["vllm_check_diff"] = eng.check_diff
+    return prov
 
 
 def evaluate_unit(score_eng, gen_eng, tokenizer, plan: KindPlan, max_new_tokens: int, stops: Sequence[int]) -> dict[str, np.ndarray]:
@@ -223,13 +277,15 @@ def evaluate_run(
     kinds: list[str] | None = None,
     progress: bool = True,
     shard: Shard | str | None = None,
+    redo: bool = False,
 ) -> pd.DataFrame:
     """Evaluate the missing (checkpoint × kind) units and return :func:`metrics_table` of the run.
 
     ``engine``: ``auto`` / ``vllm`` / ``hf`` (default ``config.eval.engine``); ``checkpoints``: ids
     (default: the whole series); ``kinds`` (default ``config.eval.kinds`` or all the run's kinds);
     ``shard``: ``"i/n"`` or :class:`Shard` — this process takes the checkpoints at series
-    positions ≡ i (mod n) and writes only their cells.
+    positions ≡ i (mod n) and writes only their cells; ``redo``: recompute the selected units even
+    where they are committed and current.
     """
     from rotelab.store import Store
 
@@ -253,7 +309,13 @@ def evaluate_run(
             load_checked_tokenizer(run, dirs[e.id])
     ids = [e.id for e in all_entries]
     fingerprint = run.fingerprint()
-    todo = _missing_units(run, fingerprint, entries, kind_list)
+    todo, stale = _missing_units(run, fingerprint, entries, kind_list, redo=redo)
+    if stale:
+        print(
+            f"rotelab eval: recomputing {stale} unit(s) of {run.store_path} whose vLLM results predate the "
+            f"verified weight swap (eval code < {VERIFIED_SWAP_VERSION}; they used the first checkpoint's output head)",
+            file=sys.stderr,
+        )
     if not todo:
         return metrics_table(run)
     todo_kinds = [k for k in kind_list if any(kk == k for _, kk in todo)]

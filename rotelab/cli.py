@@ -161,10 +161,12 @@ def eval_cmd(
     checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
     kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: eval.kinds or all).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i.")] = None,
+    redo: Annotated[bool, typer.Option("--redo", help="Recompute the selected units even where the store has them.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Accuracy (object probability, multiple choice, generation) of every checkpoint × prompt kind
-    not yet in the store; prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
+    not yet in the store (or stale: vLLM results from before the verified weight swap; --redo: all
+    selected); prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
     from rotelab.probe.accuracy import Shard, evaluate_run, select_checkpoints
     from rotelab.probe.accuracy_tables import format_summary
     from rotelab.run import Run
@@ -177,7 +179,7 @@ def eval_cmd(
         with run_lock(r.root, "rotelab eval (training first)"):
             train_run(r, progress=not no_progress)
     sh = Shard.parse(shard)
-    table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh)
+    table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
         typer.echo(format_summary(r, e.id, table))

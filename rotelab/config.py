@@ -30,8 +30,8 @@ class ModelConfig(_Section):
     """Which model to start from and how to add the key tokens."""
 
     name: str = "tiny-llama"
-    """``smollm2-135m`` (embedded), ``tiny-llama`` / ``tiny-gpt2`` (random, for tests), a local HF
-    folder, or a hub name."""
+    """``smollm2-135m`` (embedded), ``tiny-llama`` / ``tiny-llama-sp`` / ``tiny-gpt2`` /
+    ``tiny-qwen2`` (random, for tests; see :mod:`rotelab.models`), a local HF folder, or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     key_token_init: str = "mean"
     """``mean`` (mean of the input embeddings), ``normal`` (random normal with the embeddings' std),

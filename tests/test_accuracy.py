@@ -325,3 +325,56 @@ def test_cli_eval_prints_summary(evaluated, capsys, monkeypatch):
     with pytest.raises(SystemExit) as ex:
         main()
     assert ex.value.code == 2 and "--shard" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- stale results (the vLLM swap defect)
+
+
+def _age_unit(run, kind: str, checkpoint: str, engine: str) -> None:
+    """Rewrite a unit's provenance as eval code version 1 wrote it (no eval_code_version)."""
+    import zarr
+
+    for name in METRIC_ARRAYS:
+        arr = zarr.open_array(str(run.store_path / kind / name), mode="r+")
+        prov = dict(arr.attrs[f"provenance/{checkpoint}"])
+        prov.pop("eval_code_version")
+        prov["engine"] = engine
+        arr.update_attributes({f"provenance/{checkpoint}": prov})
+
+
+def test_stale_vllm_units_are_recomputed_and_redo_recomputes_all(tmp_path, monkeypatch, capsys):
+    run = make_tiny_run(tmp_path, n_checkpoints=3)
+    evaluate_run(run, engine="hf", kinds=["key"], progress=False)
+    kg = Store.open(run.store_path, mode="r").kind("key")
+    good = kg.read_item_array("gen_text")
+    prov = kg.array_attrs("gen_text")["provenance/p1-e01"]
+    assert prov["eval_code_version"] == acc.EVAL_CODE_VERSION >= 2
+    # p1-e01: written by the defective version through vLLM (wrong text stored); p1-e02 by the
+    # same old version through HF only, which the defect did not touch
+    kg_w = Store.open(run.store_path).kind("key")
+    arrays = {m: kg.read_item_array(m, checkpoints=["p1-e01"])[0] for m in METRIC_ARRAYS}
+    arrays["gen_text"] = np.array(["wrong head"] * len(arrays["gen_text"]), dtype=object)
+    kg_w.write_item_arrays("p1-e01", arrays, attrs={"provenance/p1-e01": prov})
+    _age_unit(run, "key", "p1-e01", "hf (scoring), vllm (generation)")
+    _age_unit(run, "key", "p1-e02", "hf")
+    calls: list[str] = []
+    orig = HFEngine.score
+
+    def counting(self, requests):
+        calls.append(self.checkpoint.name)
+        return orig(self, requests)
+
+    monkeypatch.setattr(HFEngine, "score", counting)
+    capsys.readouterr()
+    evaluate_run(run, engine="hf", kinds=["key"], progress=False)
+    err = capsys.readouterr().err
+    assert calls == ["p1-e01"] and err.count("rotelab eval:") == 1 and "recomputing 1 unit" in err
+    kg = Store.open(run.store_path, mode="r").kind("key")
+    np.testing.assert_array_equal(kg.read_item_array("gen_text"), good)
+    assert kg.array_attrs("gen_text")["provenance/p1-e01"]["eval_code_version"] == acc.EVAL_CODE_VERSION
+    calls.clear()
+    evaluate_run(run, engine="hf", kinds=["key"], progress=False)
+    assert calls == []
+    evaluate_run(run, engine="hf", kinds=["key"], progress=False, redo=True, checkpoints=["base", "p1-e02"])
+    assert calls == ["base", "p1-e02"]
+    np.testing.assert_array_equal(Store.open(run.store_path, mode="r").kind("key").read_item_array("gen_text"), good)

@@ -58,7 +58,7 @@ def _reference(model, tok, text: str) -> tuple[list[torch.Tensor], torch.Tensor,
     return [h[0, -1] for h in out.hidden_states], seen["last_block"], out.logits[0, -1]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
 def test_layer_indexing_matches_a_plain_forward(name: str) -> None:
     model, tok = load_model(name)
     n = model.config.num_hidden_layers
@@ -82,7 +82,7 @@ def test_layer_indexing_matches_a_plain_forward(name: str) -> None:
             np.testing.assert_allclose(head(torch.from_numpy(final[i])).numpy(), logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-llama-sp"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-llama-sp", "tiny-qwen2"])
 def test_batched_capture_equals_one_at_a_time(name: str) -> None:
     model, tok = load_model(name)
     lengths = {len(tok(t)["input_ids"]) for t in TEXTS}

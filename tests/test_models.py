@@ -9,7 +9,7 @@ from rotelab.errors import RotelabError
 from rotelab.models import add_key_tokens, load_model, model_dir
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-sp", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-sp", "tiny-gpt2", "tiny-qwen2"])
 def test_tiny_models_load_offline_and_run(name: str) -> None:
     model, tok = load_model(name)
     ids = tok("The capital of Kalindor is", return_tensors="pt")

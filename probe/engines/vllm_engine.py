@@ -1,9 +1,22 @@
 """The vLLM engine: one running engine for a whole checkpoint series.
 
 The engine starts once on the first checkpoint (which must have the final shapes: the base model
-*with* the key tokens) and every later checkpoint is loaded into it in place with
-``collective_rpc("reload_weights", weights_path=…)``, after which the prefix cache is reset (its
-keys/values belong to the old weights).
+*with* the key tokens) and every later checkpoint is loaded into it in place, after which the
+prefix cache is reset (its keys/values belong to the old weights). The in-place load is
+:meth:`rotelab.probe.engines.vllm_worker.SwapExtension.rotelab_reload`: vLLM's
+``reload_weights`` plus a refresh of the embedding/output-head layers, without which a model with
+tied embeddings keeps the *first* checkpoint's output head on CPU (see that module).
+
+**Every load is verified** (:meth:`VllmEngine.check`): the prompt log-probabilities of a fixed
+probe sequence (a short English text with the tokenizer's added tokens, i.e. the key tokens, in
+it) from the running engine are compared with a plain transformers forward of the checkpoint
+(float32, CPU). Tolerance: max |Δ| ≤ 2e-3 nats for a float32 engine (a fresh engine agrees with
+transformers within ~2e-5 on SmolLM2; the tied-head defect was off by up to 1.33 nats); for
+bfloat16/float16 engines mean |Δ| ≤ 0.1 nats over the probe (half-precision noise; a heuristic,
+not measured here — no GPU). When a *swap* fails the check, the engine is restarted on that
+checkpoint, the first time with a one-line notice on stderr; when a *fresh* engine fails it, that
+is an error. ``load_note`` says how the current weights got there (``start``, ``swap``,
+``restart``) and ``check_diff`` the measured difference: both go into the results' provenance.
 
 Prompts are fed as token ids (``TokensPrompt``), so vLLM sees exactly the tokens
 :func:`rotelab.tokenization.encode` produced.
@@ -25,6 +38,7 @@ vLLM creates worker processes with ``spawn``: a script that builds this engine n
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,10 +59,74 @@ def _logprob_of(entry, token_id: int) -> float:
     raise RotelabError(f"vllm engine: unexpected prompt logprob entry {type(entry).__name__}")
 
 
+#: Qualified name of the worker extension vLLM injects into its workers (see vllm_worker.py).
+WORKER_EXTENSION = "rotelab.probe.engines.vllm_worker.SwapExtension"
+#: Text of the swap check's probe sequence (the tokenizer's added tokens are appended to it).
+PROBE_TEXT = "The capital of France is Paris. The author of Hamlet is William Shakespeare. In"
+#: Swap-check tolerances (nats; see the module docstring): max |Δ| for float32, mean |Δ| otherwise.
+CHECK_MAX_ABS_FP32 = 2e-3
+CHECK_MEAN_ABS_HALF = 0.1
+
+
+_PROBES: dict[str, list[int]] = {}
+
+
+def probe_ids(checkpoint_dir: Path) -> list[int]:
+    """Token ids of the swap check's probe: :data:`PROBE_TEXT`, then every added token (key tokens)
+    with a plain word after each, so the added rows of the input *and* output embeddings are used.
+    Cached by the tokenizer files' content (a series shares one tokenizer; loading it takes seconds)."""
+    import hashlib
+
+    from rotelab.models import load_tokenizer
+
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = Path(checkpoint_dir) / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    key = h.hexdigest()
+    if key in _PROBES:
+        return list(_PROBES[key])
+    tok = load_tokenizer(str(checkpoint_dir))
+    ids = list(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    word = list(tok(" the", add_special_tokens=False)["input_ids"])
+    for t in sorted(tok.get_added_vocab().values()):
+        if t not in tok.all_special_ids:
+            ids += [int(t)] + word
+    _PROBES[key] = ids
+    return list(ids)
+
+
+def reference_logprobs(checkpoint_dir: Path, ids: Sequence[int]) -> np.ndarray:
+    """float64 [len(ids) - 1]: log P(ids[j] | ids[:j]) from a plain transformers forward (float32, CPU)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from rotelab.models import load_model
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per checkpoint in eval's output
+    try:
+        model, _ = load_model(str(checkpoint_dir), "float32", "cpu")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(ids)])).logits[0, :-1].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(list(ids[1:]))[:, None])[:, 0]
+    del model
+    return lp.numpy()
+
+
 class VllmEngine:
-    """vLLM engine (``vllm.LLM``). Created with the first checkpoint to evaluate."""
+    """vLLM engine (``vllm.LLM``). Created with the first checkpoint to evaluate.
+
+    ``verify``: check every load against transformers (module docstring); on by default.
+    """
 
     name = "vllm"
+    #: The worker method that swaps weights in place (tests set vLLM's bare ``reload_weights`` to
+    #: reproduce the tied-head defect and exercise the check's restart).
+    swap_rpc = "rotelab_reload"
 
     def __init__(
         self,
@@ -60,40 +138,91 @@ class VllmEngine:
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        verify: bool = True,
     ) -> None:
         try:
-            import vllm
-            from vllm import LLM
+            import vllm  # noqa: F401
         except ImportError as err:
             raise RotelabError(f"vLLM cannot be imported ({err}); use --engine hf for the transformers engine") from None
         self.version = f"vllm {vllm.__version__}"
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.prefix_caching = bool(enable_prefix_caching)
+        self.verify = bool(verify)
+        self._llm_kwargs = dict(
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=self.prefix_caching,
+            max_logprobs=1,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        d = str(Path(checkpoint_dir))
+        self.llm = None
+        self.restarts = 0
+        self.check_diff: float | None = None
+        self._start(Path(checkpoint_dir))
+        self.load_note = "start"
+        self._check(Path(checkpoint_dir), fresh=True)
+
+    def _start(self, checkpoint_dir: Path) -> None:
+        from vllm import LLM
+
+        d = str(checkpoint_dir)
         try:
-            self.llm = LLM(
-                model=d,
-                tokenizer=d,
-                dtype=dtype,
-                seed=seed,
-                gpu_memory_utilization=gpu_memory_utilization,
-                tensor_parallel_size=tensor_parallel_size,
-                enable_prefix_caching=self.prefix_caching,
-                max_logprobs=1,
-            )
+            self.llm = LLM(model=d, tokenizer=d, **self._llm_kwargs)
         except Exception as err:  # vLLM raises many kinds; the message matters
             raise RotelabError(f"{d}: vLLM could not start ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-        self.checkpoint = Path(checkpoint_dir)
+        self.checkpoint = checkpoint_dir
 
     def load(self, checkpoint_dir: Path) -> None:
-        """Swap the weights of the running engine for those of ``checkpoint_dir``."""
-        if Path(checkpoint_dir) == self.checkpoint:
+        """Swap the weights of the running engine for those of ``checkpoint_dir``, verified."""
+        d = Path(checkpoint_dir)
+        if d == self.checkpoint:
             return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint_dir)})
+        self.llm.collective_rpc(self.swap_rpc, kwargs={"weights_path": str(d)})
         self.llm.reset_prefix_cache()
-        self.checkpoint = Path(checkpoint_dir)
+        self.checkpoint = d
+        self.load_note = "swap"
+        self._check(d, fresh=False)
+
+    def check(self, checkpoint_dir: Path | None = None) -> float:
+        """The swap check's statistic for the running weights against ``checkpoint_dir`` (default:
+        the loaded checkpoint): max |Δ logprob| (float32 engine) or mean |Δ| (half precision)."""
+        d = Path(checkpoint_dir or self.checkpoint)
+        ids = probe_ids(d)
+        got = self.score([ScoreRequest(prefix=tuple(ids[:1]), continuations=(tuple(ids[1:]),))])[0][0].astype(np.float64)
+        diff = np.abs(got - reference_logprobs(d, ids))
+        return float(diff.max() if self.dtype == "float32" else diff.mean())
+
+    def _tolerance(self) -> float:
+        return CHECK_MAX_ABS_FP32 if self.dtype == "float32" else CHECK_MEAN_ABS_HALF
+
+    def _check(self, d: Path, *, fresh: bool) -> None:
+        if not self.verify:
+            self.check_diff = None
+            return
+        diff = self.check(d)
+        if diff <= self._tolerance():
+            self.check_diff = diff
+            return
+        if fresh:
+            raise RotelabError(
+                f"{d}: vLLM started on this checkpoint disagrees with transformers "
+                f"(|Δ logprob| {diff:.3g} > {self._tolerance():g} on the probe sequence); use --engine hf"
+            )
+        if self.restarts == 0:
+            print(
+                f"rotelab eval: vLLM's in-place weight swap to {d} disagrees with transformers "
+                f"(|Δ logprob| {diff:.3g}); restarting the engine for this and any later failing checkpoint",
+                file=sys.stderr,
+            )
+        self.restarts += 1
+        self.close()
+        self._start(d)
+        self.load_note = "restart"
+        self._check(d, fresh=True)
 
     def _params(self, *, skip_cache: bool):
         from vllm import SamplingParams
