@@ -228,6 +228,9 @@ def analyze_run(run: Run, *, kinds: Sequence[str] | None = None, progress: bool 
     summary["alignment"] = 0 if table is None else len(table)
     if cfg.patching:
         summary["patching"] = patching_run(run, store, progress=progress, note=note)
+    from .where import where_run  # logit lens, probes, CKA, onset (issue 16)
+
+    summary.update(where_run(run, store, use, progress=progress, note=note))
     return summary
 
 
