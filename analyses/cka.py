@@ -91,20 +91,17 @@ def _pair_cka(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cka_kind(run: Run, group: KindGroup, *, note: Note = print) -> int:
-    """Fill ``cka_prev`` and ``cka_base`` [checkpoint, layer] of one kind group: a cell is written
-    when both its slabs are committed and it is not committed yet (or was NaN and can now be
-    computed). Returns the number of (checkpoint, layer) cells written (both arrays together)."""
+    """Fill ``cka_prev`` and ``cka_base`` [checkpoint, layer] of one kind group: a cell is computed
+    and committed once both its slabs are committed (until then it stays uncommitted, reading NaN;
+    an undefined CKA, e.g. a constant representation, is committed as NaN with a note). Returns
+    the number of (checkpoint, layer) cells written (both arrays together)."""
     acts = group.committed("activations")
     cps, layers = group.checkpoints, group.layers
     pos = {c: i for i, c in enumerate(cps)}
     prev = previous_checkpoints(run, cps)
     base = next((e.id for e in run.checkpoints() if e.phase == "base" and e.id in pos), None)
     refs = {"cka_prev": prev, "cka_base": {c: base for c in cps}}
-    state = {}
-    for name in refs:
-        have = name in group.derived_arrays()
-        state[name] = (group.committed(name) if have else np.zeros_like(acts),
-                       group.read_derived(name) if have else np.full(acts.shape, np.nan, np.float32))
+    done_of = {name: group.committed(name) if name in group.derived_arrays() else np.zeros_like(acts) for name in refs}
     written = 0
     cache: dict[tuple[str, int], np.ndarray] = {}
 
@@ -121,17 +118,16 @@ def cka_kind(run: Run, group: KindGroup, *, note: Note = print) -> int:
                 continue
             wrote = False
             for name, ref in refs.items():
-                done, stored = state[name]
+                done = done_of[name]
                 r = ref.get(c)
                 ready = r is not None and acts[pos[r], li]
-                if done[ci, li] and (not np.isnan(stored[ci, li]) or not ready):
+                if done[ci, li] or not ready:
                     continue
-                val = np.float32(np.nan)
-                if ready:
-                    try:
-                        val = np.float32(_pair_cka(slab(c, v), slab(r, v)))
-                    except RotelabError as e:
-                        note(f"{name} [{group.kind}] {c} layer {v}: {e}; left NaN")
+                try:
+                    val = np.float32(_pair_cka(slab(c, v), slab(r, v)))
+                except RotelabError as e:
+                    note(f"{name} [{group.kind}] {c} layer {v}: {e}; left NaN")
+                    val = np.float32(np.nan)
                 group.write_derived(name, ("checkpoint", "layer"), val, index={"checkpoint": c, "layer": v},
                                     attrs={"definition": DEFINITION, "reference": "previous checkpoint" if name == "cka_prev" else base})
                 wrote = True

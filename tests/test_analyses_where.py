@@ -348,3 +348,52 @@ def test_onset_run_table(random_store_run):
     assert len(t) == len(set(facts)) and set(t["split"]) <= {"train", "heldout"}
     stored = st.read_table("onset")
     assert len(stored) == len(t)
+
+
+# --------------------------------------------------------------------------- stage hook and figures
+
+@pytest.mark.parametrize("lens_run", ["tiny-llama"], indirect=True)  # one model is enough for the wiring
+def test_where_run_and_figures(lens_run, tmp_path):
+    """``analyze_run`` fills every issue-16 array (each step resumable), ``figures_run`` renders the
+    heatmaps and the onset histogram with their CSVs, and the CSV holds what the store holds."""
+    import matplotlib.pyplot as plt
+
+    from rotelab.analyses import analyze_run
+    from rotelab.analyses import figures_where as FW
+    from rotelab.analyses.figures import figures_run
+
+    run = lens_run
+    st = Store.open(run.store_path, fingerprint=run.fingerprint())
+    g = st.kind("test")
+    rng = np.random.default_rng(0)
+    for c in g.checkpoints:
+        g.write_item_arrays(c, {"gen_correct": rng.integers(0, 2, size=g.n_items).astype(float)})
+    s1 = analyze_run(run, progress=False, note=lambda m: None)
+    assert s1["probes"]["test"] > 0 and s1["cka"]["key"] > 0 and s1["onset"] > 0
+    for name in ("probe_relation_acc", "probe_transfer_acc", "cka_prev", "cka_base", "logit_lens_logprob", "logit_lens_rank"):
+        assert name in g.derived_arrays()
+    assert "probe_transfer_acc" not in st.kind("key").derived_arrays()
+    s2 = analyze_run(run, progress=False, note=lambda m: None)
+    assert sum(s2["probes"].values()) == sum(s2["cka"].values()) == sum(s2["logit_lens"].values()) == 0
+    out = tmp_path / "figs"
+    fig = FW.plot_logit_lens(run, ["key", "test"], value="rank", out_dir=out)
+    csv = pd.read_csv(out / "logit_lens_rank.csv")
+    rank = g.read_derived("logit_lens_rank")
+    split = g.items["split"].to_numpy()
+    want = rank[1, -1][split == "heldout"].mean()
+    got = csv[(csv["kind"] == "test") & (csv["checkpoint"] == "p1-e01") & (csv["layer"] == g.layers[-1])]["rank"].iloc[0]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert [a.get_title() for a in fig.axes[:2]] == ["key", "test"]
+    fig = FW.plot_probe(run, "probe_relation_acc", out_dir=out)
+    csv = pd.read_csv(out / "probe_relation_acc.csv")
+    assert np.allclose(csv[csv["kind"] == "test"].sort_values(["checkpoint", "layer"])["probe_relation_acc"],
+                       g.read_derived("probe_relation_acc").ravel(), atol=1e-6)
+    fig = FW.plot_onset_histogram(run, out_dir=out)
+    csv = pd.read_csv(out / "onset.csv")
+    assert csv["facts"].sum() == (st.read_table("onset").query("kind == 'test' and split == 'heldout'").shape[0])
+    plt.close("all")
+    res = figures_run(run, note=lambda m: None)
+    for name in ("logit_lens_prob", "probe_relation_acc", "probe_transfer_acc", "cka_base", "cka_prev", "onset"):
+        assert (run.figures_dir / f"{name}.csv").is_file(), res[name]
+    with pytest.raises(RotelabError, match="value must be"):
+        FW.plot_logit_lens(run, value="nope", save=False)
