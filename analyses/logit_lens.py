@@ -10,8 +10,8 @@ lens"), and the object's **first** token is scored:
   (:func:`rotelab.tokenization.encode`, the one tokenization rule of the project; the space before
   the object travels with that token, as in training and evaluation);
 * ``logit_lens_rank`` int32 ``[checkpoint, layer, item]`` — the number of vocabulary tokens whose
-  logit is *strictly* larger than the target's (rank 0 = the top token; ties count in the target's
-  favour). Items whose stored state is missing (NaN rows of a partial slab) get NaN and rank -1.
+  logit is *strictly* larger than the target's (rank 0 = the top token; a token tied with the
+  target within float32 rounding may count either way). Items whose stored state is missing (NaN rows of a partial slab) get NaN and rank -1.
 
 No forward pass over the prompts is made: the captured states are reused. At the last layer the
 lens is exactly the model's own next-token distribution at the last prompt position, up to the
@@ -82,14 +82,54 @@ def first_token_ids(tokenizer: Any, items: pd.DataFrame) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the pure function
 
-def first_token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_token_scores(logits: torch.Tensor, targets: torch.Tensor, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits`` [n, vocab] (float), ``targets`` [n] (token ids) → ``(logprob [n] float32,
-    rank [n] int32)``: ``logits[t] − logsumexp(logits)`` and ``#{j : logits[j] > logits[t]}``."""
+    rank [n] int32)``: ``logits[t] − logsumexp(logits)`` and ``#{j : logits[j] > logits[t]}``.
+
+    ``inplace=True`` lets the function overwrite ``logits`` (a float32 buffer the caller owns):
+    the log-sum-exp then needs no [n, vocab] temporary (≈20 % faster on a 49k vocabulary)."""
     z = logits.float()
+    if not inplace and z is logits:
+        z = z.clone()
     zt = z.gather(1, targets.long()[:, None])
-    logprob = (zt[:, 0] - torch.logsumexp(z, dim=1)).float()
     rank = (z > zt).sum(dim=1, dtype=torch.int32)
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m).exp_()
+    logprob = ((zt - m)[:, 0] - z.sum(dim=1).log()).float()
     return logprob, rank
+
+
+def linear_head_scores(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                       *, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`first_token_scores` of ``normed @ weight.T (+ bias)`` without the [n, vocab] logits:
+    the vocabulary is walked in blocks of ``block`` rows of ``weight`` [vocab, hidden] (each block's
+    logits stay in cache) with an online log-sum-exp and a running rank count. The target's logit
+    is its own dot product; rank counts the *other* tokens with a strictly larger logit, so a token
+    tied with the target within float32 rounding may count either way. ``normed`` [n, hidden]
+    float32, ``targets`` [n]."""
+    t = targets.long()
+    n, vocab = normed.shape[0], weight.shape[0]
+    zt = (normed * weight[t]).sum(dim=1)
+    if bias is not None:
+        zt = zt + bias[t]
+    m = torch.full((n,), -torch.inf, device=normed.device)
+    s = torch.zeros(n, device=normed.device)
+    rank = torch.zeros(n, dtype=torch.int32, device=normed.device)
+    buf = torch.empty(n, min(block, vocab), device=normed.device)
+    for v0 in range(0, vocab, block):
+        wb = weight[v0: v0 + block]
+        z = buf[:, : wb.shape[0]]
+        torch.mm(normed, wb.T, out=z)
+        if bias is not None:
+            z += bias[v0: v0 + block]
+        rank += (z > zt[:, None]).sum(dim=1, dtype=torch.int32)
+        inb = ((t >= v0) & (t < v0 + wb.shape[0])).nonzero()[:, 0]
+        if len(inb):  # the target itself is not "another token"
+            rank[inb] -= (z[inb, t[inb] - v0] > zt[inb]).int()
+        new_m = torch.maximum(m, z.amax(dim=1))
+        s = s * torch.exp(m - new_m) + z.sub_(new_m[:, None]).exp_().sum(dim=1)
+        m = new_m
+    return (zt - m - s.log()).float(), rank
 
 
 def logit_lens(states: np.ndarray, targets: np.ndarray, norm: TensorFn, head: TensorFn,
@@ -100,8 +140,10 @@ def logit_lens(states: np.ndarray, targets: np.ndarray, norm: TensorFn, head: Te
     [item] token ids, ``norm`` and ``head`` callables on float32 tensors (the checkpoint's final
     norm and output head, :func:`final_norm_and_head`). Returns ``(logprob float32 [..., item],
     rank int32 [..., item])`` (definitions in the module docstring); rows with a non-finite state
-    give NaN and rank -1. Computed in float32, ``chunk`` rows at a time (bounds the [rows, vocab]
-    logits buffer).
+    give NaN and rank -1. Computed in float32, ``chunk`` rows at a time; a ``torch.nn.Linear`` head
+    (every HF LM head, tied or not) goes through :func:`linear_head_scores`, which never holds the
+    [rows, vocab] logits (≈ the cost of the bare matmul), any other callable through
+    :func:`first_token_scores` on its full logits.
     """
     X = np.asarray(states)
     t = np.asarray(targets, dtype=np.int64)
@@ -120,8 +162,11 @@ def logit_lens(states: np.ndarray, targets: np.ndarray, norm: TensorFn, head: Te
         for s in range(0, len(rows), chunk):
             r = rows[s: s + chunk]
             h = torch.from_numpy(np.ascontiguousarray(flat[r], dtype=np.float32)).to(device)
-            logits = head(norm(h))
-            a, b = first_token_scores(logits, torch.from_numpy(tt[r]).to(device))
+            tgt = torch.from_numpy(tt[r]).to(device)
+            if isinstance(head, torch.nn.Linear):  # every HF LM head: blockwise, no [rows, vocab] buffer
+                a, b = linear_head_scores(norm(h).float(), head.weight.float(), None if head.bias is None else head.bias.float(), tgt)
+            else:
+                a, b = first_token_scores(head(norm(h)), tgt, inplace=True)
             lp[r] = a.cpu().numpy()
             rk[r] = b.cpu().numpy()
     return lp.reshape(lead), rk.reshape(lead)

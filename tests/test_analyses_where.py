@@ -44,20 +44,41 @@ def test_logit_lens_matches_loops():
     lin = torch.nn.Linear(H, V, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.as_tensor(W))
-    lp, rk = logit_lens(X, t, norm, lin, chunk=4)
-    assert lp.shape == (L, N) and lp.dtype == np.float32 and rk.dtype == np.int32
-    for li in range(L):
-        for i in range(N):
-            if li == 1 and i == 2:
-                assert math.isnan(lp[li, i]) and rk[li, i] == -1
-                continue
-            z = [float(np.dot(W[j].astype(np.float64), _rms_norm_np(X[li, i].astype(np.float64), g, eps))) for j in range(V)]
-            m = max(z)
-            lse = m + math.log(sum(math.exp(x - m) for x in z))
-            assert lp[li, i] == pytest.approx(z[t[i]] - lse, abs=1e-4)
-            assert rk[li, i] == sum(1 for x in z if x > z[t[i]] + 1e-9)
+    # the blockwise path of a Linear head (blocks smaller than the vocab) and the generic path of any callable
+    for head in (lin, lambda h: h @ torch.as_tensor(W).T):
+        lp, rk = logit_lens(X, t, norm, head, chunk=4)
+        assert lp.shape == (L, N) and lp.dtype == np.float32 and rk.dtype == np.int32
+        for li in range(L):
+            for i in range(N):
+                if li == 1 and i == 2:
+                    assert math.isnan(lp[li, i]) and rk[li, i] == -1
+                    continue
+                z = [float(np.dot(W[j].astype(np.float64), _rms_norm_np(X[li, i].astype(np.float64), g, eps))) for j in range(V)]
+                m = max(z)
+                lse = m + math.log(sum(math.exp(x - m) for x in z))
+                assert lp[li, i] == pytest.approx(z[t[i]] - lse, abs=1e-4)
+                # strictly larger logits; a tie within float32 rounding (token 7 vs 3) may count either way
+                lo, hi = sum(1 for x in z if x > z[t[i]] + 1e-4), sum(1 for x in z if x > z[t[i]] - 1e-4)
+                assert lo <= rk[li, i] <= hi
+                if hi == lo:
+                    assert rk[li, i] == lo
     with pytest.raises(RotelabError, match="targets"):
         logit_lens(X, t[:3], norm, lin)
+
+
+def test_linear_head_scores_blockwise_with_bias():
+    from rotelab.analyses.logit_lens import linear_head_scores
+
+    rng = np.random.default_rng(1)
+    n, H, V = 6, 5, 23
+    h, W, b = rng.normal(size=(n, H)), rng.normal(size=(V, H)), rng.normal(size=V)
+    t = np.array([0, 6, 7, 13, 22, 22])  # targets at block edges (block = 7)
+    lp, rk = linear_head_scores(*(torch.as_tensor(a, dtype=torch.float32) for a in (h, W, b)), torch.as_tensor(t), block=7)
+    z = h @ W.T + b  # float64 reference
+    for i in range(n):
+        zt = z[i, t[i]]
+        assert float(lp[i]) == pytest.approx(zt - math.log(np.exp(z[i] - z[i].max()).sum()) - z[i].max(), abs=1e-5)
+        assert int(rk[i]) == int((z[i] > zt).sum())
 
 
 # --------------------------------------------------------------------------- logit lens: tiny runs
