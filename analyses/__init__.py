@@ -1,5 +1,6 @@
 """rotelab.analyses — ΔCosSim, projections, key-token alignment drift, activation patching,
-statistics across seeds and the paper's figures.
+logit lens, relation probes, CKA drift, generalization onset, statistics across seeds and the
+paper's figures.
 
 Pure functions over numpy (``delta_cossim``, ``relation_similarities``, ``alignment_by_relation``,
 ``fit_projection``/``project``, ``seed_statistics``) and store-level drivers (``analyze_run``,
@@ -21,6 +22,9 @@ _LAZY = {
     "patch": "patching", "patched_forward": "patching", "hidden_states_at": "patching", "ModelCache": "patching",
     "sample_items": "patching",
     "figures_run": "figures", "metric_table": "metrics", "write_summary": "summary",
+    "logit_lens_run": "logit_lens", "logit_lens_table": "logit_lens",
+    "final_norm_and_head": "logit_lens", "probe_accuracy": "probes", "transfer_accuracy": "probes",
+    "fact_folds": "probes", "linear_cka": "cka", "onset_index": "onset", "onset_run": "onset", "where_run": "where",
 }
 
 
@@ -38,4 +42,6 @@ __all__ = [
     "delta_cossim_table", "figures_run", "fit_projection", "hidden_states_at", "key_prompt_cosines", "one_sided_t",
     "patch", "patched_forward", "patching_run", "project", "project_kinds", "project_slabs", "relation_similarities",
     "metric_table", "run_statistics", "sample_items", "seed_statistics", "with_delta", "write_summary",
+    "fact_folds", "final_norm_and_head", "linear_cka", "logit_lens_run", "logit_lens_table", "onset_index",
+    "onset_run", "probe_accuracy", "transfer_accuracy", "where_run",
 ]

@@ -1,5 +1,6 @@
-"""The ``analyze`` stage: ΔCosSim curves, projections, key-token alignment and (optionally)
-activation patching over a run's store. Every part does only what is missing."""
+"""The ``analyze`` stage: ΔCosSim curves, projections, key-token alignment, (optionally)
+activation patching, and the logit lens / probes / CKA / onset steps of :mod:`.where` over a
+run's store. Every part does only what is missing."""
 
 from __future__ import annotations
 
@@ -194,7 +195,8 @@ def analyze_run(run: Run, *, kinds: Sequence[str] | None = None, progress: bool 
                 note: Note = print) -> dict[str, Any]:
     """Run every analysis whose inputs exist (see the module docstring); returns a summary
     ``{"delta_cossim": {kind: rows}, "projections": {name: cells}, "alignment": rows,
-    "patching": checkpoints}``."""
+    "patching": checkpoints}`` plus the keys of :func:`rotelab.analyses.where.where_run`
+    (``logit_lens``, ``probes``, ``cka``: {kind: cells}; ``onset``: rows)."""
     cfg = run.config.analyses
     store = open_store(run)
     have = captured_kinds(store)
@@ -228,6 +230,9 @@ def analyze_run(run: Run, *, kinds: Sequence[str] | None = None, progress: bool 
     summary["alignment"] = 0 if table is None else len(table)
     if cfg.patching:
         summary["patching"] = patching_run(run, store, progress=progress, note=note)
+    from .where import where_run  # logit lens, probes, CKA, onset (issue 16)
+
+    summary.update(where_run(run, store, use, progress=progress, note=note))
     return summary
 
 

@@ -419,6 +419,9 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
         jobs.append(("alignment_languages", lambda: plot_alignment(run, ("test", *langs), name="alignment_languages")))
     cfg = run.config.analyses
     jobs.append(("patching", lambda: plot_patching_heatmap(run, cfg.patching_source_kind, cfg.patching_target_kind)))
+    from .figures_where import where_jobs  # logit lens, probes, CKA, onset (issue 16)
+
+    jobs.extend(where_jobs(run))
     for name, job in jobs:
         try:
             fig = job()

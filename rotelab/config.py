@@ -162,6 +162,20 @@ class AnalysesConfig(_Section):
     patching_layers: list[int] | None = None
     """Layers of the sweep (default: all, 0 = embeddings)."""
     patching_metric: Literal["object_logprob", "object_prob", "first_token_logprob"] = "object_logprob"
+    # where the fact lives (rotelab.analyses.where): logit lens, relation probes, CKA drift, onset
+    logit_lens: bool = True
+    """Logit lens of every captured slab (one model load per checkpoint; a matmul with the vocab)."""
+    probes: bool = True
+    probe_kinds: list[str] = Field(default_factory=lambda: ["key", "test"])
+    """Kinds whose relation probe (``probe_relation_acc``) is fitted, every checkpoint × layer."""
+    probe_transfer_kinds: list[str] = Field(default_factory=lambda: ["test"])
+    """Kinds a probe trained on the key prompts is tested on (``probe_transfer_acc``)."""
+    probe_folds: int = Field(5, ge=2)
+    probe_C: float = Field(1.0, gt=0)
+    cka: bool = True
+    onset: bool = True
+    onset_threshold: float = Field(0.5, gt=0, le=1)
+    """A fact is correct at a checkpoint when at least this fraction of its templates generate the object."""
 
 
 class Config(_Section):

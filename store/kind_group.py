@@ -635,7 +635,8 @@ class KindGroup:
         cell_dims: Sequence[str] | None = None,
         dtype: str = "float32",
     ) -> None:
-        """Write a derived array (created on first write, float32, NaN fill).
+        """Write a derived array (created on first write, ``dtype`` float32 by default, NaN fill;
+        an integer ``dtype`` fills with -1, and reads still give float32 with NaN where uncommitted).
 
         ``dims`` may use the group's dims (checkpoint, layer, item, hidden) and new dims whose
         coordinates come from ``extra_coords`` (created once as coordinate arrays; a new dim
@@ -693,7 +694,7 @@ class KindGroup:
                 shape=shape,
                 dtype=dtype,
                 chunks=[1 if d in cell else s for d, s in zip(dims, shape, strict=True)],
-                fill_value=np.nan,
+                fill_value=np.nan if np.dtype(dtype).kind == "f" else -1,  # integers: -1 (masked on read anyway)
                 dims=dims,
                 attributes={ROLE: "derived", CELL_DIMS: list(cell)},
             )
