@@ -36,9 +36,9 @@ class Stage:
     """What one stage trains: its examples, optimisation settings, and where it starts."""
 
     name: str
-    """``phase1``, ``phase2`` or ``sft`` (also the entries' ``phase``)."""
+    """``phase1``, ``phase2``, ``inject``, ``sft`` or ``sft-k`` (also the entries' ``phase``)."""
     prefix: str
-    """Checkpoint id prefix: ``p1``, ``p2``, ``sft``."""
+    """Checkpoint id prefix: ``p1``, ``p2``, ``inj``, ``sft``, ``sftk``."""
     series: str
     examples: list[Example]
     epochs: int
@@ -50,6 +50,9 @@ class Stage:
     start_dir: Path
     """Weights (and tokenizer) the stage starts from."""
     protected: set[str] = field(default_factory=set)
+    tokens_before: int = 0
+    """Training tokens of the start point (its ``total_tokens``): this stage's points record
+    ``total_tokens = tokens_before + tokens_seen``."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -231,7 +234,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
             pid = save_at[step + 1]
             entry = CheckpointEntry(
                 id=pid, phase=stage.name, epoch=round((step + 1) / spe, 4), step=step + 1, tokens_seen=tokens_seen,
-                loss=round(seg_loss / seg_steps, 6), path=None, series=stage.series,
+                loss=round(seg_loss / seg_steps, 6), path=None, series=stage.series, total_tokens=stage.tokens_before + tokens_seen,
             )
             entry = _save_point(run, stage, engine, tok, entry, zero_stage, dtype)
             entries.append(entry)
