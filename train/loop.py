@@ -65,7 +65,9 @@ class Stage:
 
 def plan_points(stage: Stage) -> list[tuple[str, int]]:
     """``[(checkpoint id, optimizer step after which it is saved)]``: every epoch (``p1-e01``…) or
-    every ``save_every`` steps plus the last step (``p1-s000120``…)."""
+    every ``save_every`` steps plus the last step (``p1-s000120``…). When every one of those steps
+    falls on an epoch boundary (``save_every`` a multiple of the steps per epoch), the ids name
+    the epochs instead (``p1-e02``, ``p1-e04``…)."""
     spe, total = stage.steps_per_epoch, stage.total_steps
     if stage.save_every == "epoch":
         return [(f"{stage.prefix}-e{e:02d}", e * spe) for e in range(1, stage.epochs + 1)]
@@ -73,6 +75,8 @@ def plan_points(stage: Stage) -> list[tuple[str, int]]:
     steps = list(range(n, total + 1, n))
     if total and (not steps or steps[-1] != total):
         steps.append(total)
+    if spe and all(s % spe == 0 for s in steps):
+        return [(f"{stage.prefix}-e{s // spe:02d}", s) for s in steps]
     return [(f"{stage.prefix}-s{s:06d}", s) for s in steps]
 
 
