@@ -2,8 +2,7 @@
 # The runs behind REPRODUCTION.md, one seed per call:  scripts/reproduction_runs.sh SEED
 #   1. train runs/repro-smollm2-seed=SEED (configs/repro-smollm2.yaml: base, phase 1, phase 2, SFT);
 #   2. evaluate the stage checkpoints with the HF engine (ICL is a base-model baseline);
-#   3. the familiarity control: runs/repro-smollm2-memorized-seed=SEED, the same config with
-#      data.distractors_from: memorized, sharing phase 1 (import_phase1) and retraining phase 2/SFT;
+#   3. the familiarity control: MC accuracy with memorized distractors (scripts/mc_memorized.py);
 #   4. seed 0 only: capture + analyze the stage checkpoints (ΔCosSim / alignment rows).
 # Wall times go to runs/repro-times.log. One torch thread per process (2-core machine).
 set -euo pipefail
@@ -12,7 +11,6 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-.venv/bin/python}
 RL=${RL:-.venv/bin/rotelab}
 RUN=runs/repro-smollm2-seed=$SEED
-MEM=runs/repro-smollm2-memorized-seed=$SEED
 log() { echo "$(date -u +%FT%TZ) seed=$SEED $*" >> runs/repro-times.log; }
 mkdir -p runs
 t() { local s=$SECONDS; "$@"; log "$(( SECONDS - s ))s: $*"; }
@@ -24,28 +22,15 @@ from rotelab.run import Run
 seed = int(sys.argv[1])
 cfg = next(c for c in expand_sweep(load_config("configs/repro-smollm2.yaml")) if c.seed == seed)
 Run.create(cfg, f"runs/repro-smollm2-seed={seed}")
-mem = cfg.model_copy(update={"name": f"repro-smollm2-memorized-seed={seed}", "data": cfg.data.model_copy(update={"distractors_from": "memorized"})})
-Run.create(mem, f"runs/repro-smollm2-memorized-seed={seed}")
 PY
 t $RL train "$RUN" --no-progress
 EV="$RL eval $RUN --engine hf --no-progress"
-t $EV --checkpoints base --kinds icl,icl-translated-de,icl-translated-zh,train,test,unrelated,zero,key
-t $EV --checkpoints sft-e04 --kinds train,test,unrelated,zero,translated-de,translated-zh
+t $EV --checkpoints base --kinds icl,icl-translated-de,icl-translated-zh
+t $EV --checkpoints sft-e04,p2-e04 --kinds train,test,translated-de,translated-zh,unrelated
 t $EV --checkpoints p1-e10 --kinds key,train,test,unrelated,zero
-t $EV --checkpoints p2-e04 --kinds key,train,test,unrelated,zero,translated-de,translated-zh
+t $EV --checkpoints p2-e04 --kinds key
 
-$PY - "$SEED" <<'PY'
-import sys
-from rotelab.run import Run
-from rotelab.train import import_phase1
-seed = int(sys.argv[1])
-mem = Run.open(f"runs/repro-smollm2-memorized-seed={seed}")
-if not mem.checkpoints():
-    import_phase1(mem, Run.open(f"runs/repro-smollm2-seed={seed}"))
-PY
-t $RL train "$MEM" --no-progress
-EV="$RL eval $MEM --engine hf --no-progress"
-t $EV --checkpoints base,p1-e10,p2-e04,sft-e04 --kinds train,test,unrelated,zero
+t $PY scripts/mc_memorized.py "$RUN" --checkpoints p1-e10,p2-e04,sft-e04 --kinds train,test,unrelated,zero
 
 if [ "$SEED" = 0 ]; then
   t $RL capture "$RUN" --checkpoints base,p1-e10,p2-e04,sft-e04 --no-progress
