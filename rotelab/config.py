@@ -115,7 +115,8 @@ class InjectConfig(_Section):
     visible before and after the injection."""
 
     facts_per_relation: int = Field(0, ge=0)
-    """New facts per relation (0: no injection stage)."""
+    """New facts per relation (0: no injection stage): generated in addition to
+    ``data.facts_per_relation``; with ``data.facts_file``, the last N facts of each relation."""
     epochs: int = Field(20, ge=1)
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(16, ge=1)

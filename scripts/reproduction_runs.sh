@@ -26,11 +26,12 @@ PY
 t $RL train "$RUN" --no-progress
 EV="$RL eval $RUN --engine hf --no-progress"
 t $EV --checkpoints base --kinds icl,icl-translated-de,icl-translated-zh
-t $EV --checkpoints sft-e04,p2-e04 --kinds train,test,translated-de,translated-zh,unrelated
-t $EV --checkpoints p1-e10 --kinds key,train,test,unrelated,zero
+t $EV --checkpoints sft-e04,p2-e04 --kinds test
+t $EV --checkpoints sft-e04,p2-e04 --kinds translated-de,translated-zh,train
+t $EV --checkpoints p1-e10 --kinds key,train,test
+t $PY scripts/mc_memorized.py "$RUN" --checkpoints p1-e10,p2-e04,sft-e04 --kinds test,zero
+t $EV --checkpoints p1-e10,p2-e04,sft-e04 --kinds unrelated,zero
 t $EV --checkpoints p2-e04 --kinds key
-
-t $PY scripts/mc_memorized.py "$RUN" --checkpoints p1-e10,p2-e04,sft-e04 --kinds train,test,unrelated,zero
 
 if [ "$SEED" = 0 ]; then
   t $RL capture "$RUN" --checkpoints base,p1-e10,p2-e04,sft-e04 --no-progress
