@@ -4,11 +4,39 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from rotelab.errors import RotelabError
 
 if TYPE_CHECKING:
     from rotelab.run import Run
-    from rotelab.store import Store
+    from rotelab.store import KindGroup, Store
+
+FINAL_NORM_LAYER = -1
+"""The pseudo-layer of the analyses that selects the ``final_norm`` state (the last block's output
+after the model's final norm, what the LM head reads). Layers ``0…L`` are the raw hidden states:
+0 = embedding output, i = output of block i, so layer L is the last block *before* the final norm.
+The paper (F.1: "the hidden state of the final token from a specified transformer layer") does not
+say which of the two its last-layer numbers use; the analyses compute both."""
+
+
+def representation(layer: int) -> str:
+    """``final_norm`` for :data:`FINAL_NORM_LAYER`, else ``raw``."""
+    return "final_norm" if layer == FINAL_NORM_LAYER else "raw"
+
+
+def read_state(group: KindGroup, checkpoint: str, layer: int) -> np.ndarray:
+    """[item, hidden] of one checkpoint at ``layer`` (:data:`FINAL_NORM_LAYER`: the ``final_norm`` array)."""
+    if layer == FINAL_NORM_LAYER:
+        return group.read_final_norm([checkpoint])[0]
+    return group.read_slab(checkpoint, layer)
+
+
+def final_norm_committed(group: KindGroup) -> np.ndarray:
+    """bool [checkpoint]: whether ``final_norm`` of each checkpoint is committed (False when absent)."""
+    if "final_norm" not in group.arrays():
+        return np.zeros(len(group.checkpoints), bool)
+    return np.asarray(group.committed("final_norm"), bool)
 
 
 def open_store(run: Run, mode: str = "a") -> Store:

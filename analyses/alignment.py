@@ -8,7 +8,9 @@ checkpoint minus the cosine at a reference checkpoint (default: the last phase-1
 ``main`` series), same layer / relation / kind / split.
 
 The store table ``alignment`` is tidy: ``checkpoint, layer, relation, kind, split, n, cosine,
-reference, delta`` with ``split`` ∈ {all, train, heldout} (phase-2 training facts vs held-out).
+reference, delta`` with ``split`` ∈ {all, train, heldout, …} (phase-2 training facts vs held-out).
+``layer`` ≥ 0 rows use the raw hidden states; ``layer`` = -1
+(:data:`rotelab.analyses._common.FINAL_NORM_LAYER`) rows use the ``final_norm`` state.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pandas as pd
 
 from rotelab.errors import RotelabError
 
-from ._common import captured_kinds, open_store, reference_checkpoint
+from ._common import FINAL_NORM_LAYER, captured_kinds, final_norm_committed, open_store, read_state, reference_checkpoint
 from .alignment import ALIGNMENT_COLUMNS, alignment_by_relation, with_delta
 from .cossim import delta_cossim
 from .projections import project_kinds
@@ -34,9 +34,11 @@ def _tqdm(it: Any, progress: bool, **kw: Any) -> Any:
 
 def delta_cossim_kind(group: KindGroup, *, progress: bool = True, note: Note = print) -> int:
     """Write the derived array ``delta_cossim`` float32 [checkpoint, layer] of one kind group,
-    one committed row per checkpoint. A row is (re)computed when it is not committed or when a
-    layer has been captured since. A slab with NaN rows (partial or overflowed) gives NaN and a
-    note, never a number over a subset. Returns the number of rows written."""
+    one committed row per checkpoint, on the raw hidden states (attrs ``representation``), and
+    ``delta_cossim_final_norm`` [checkpoint] on the ``final_norm`` state. A row is (re)computed
+    when it is not committed or when a layer has been captured since. A slab with NaN rows
+    (partial or overflowed) gives NaN and a note, never a number over a subset. Returns the number
+    of ``delta_cossim`` rows written."""
     rel = group.items["relation"].astype(str).to_numpy()
     if len(np.unique(rel)) < 2:
         note(f"delta_cossim [{group.kind}]: needs at least two relations; skipped")
@@ -66,7 +68,35 @@ def delta_cossim_kind(group: KindGroup, *, progress: bool = True, note: Note = p
         if bad:
             note(f"delta_cossim [{group.kind}] {c}: left NaN at {len(bad)} slab(s) ({bad[0]})")
         group.write_derived("delta_cossim", ("checkpoint", "layer"), row, index={"checkpoint": c},
-                            cell_dims=("checkpoint",), attrs={"definition": "paper Appendix F.3, raw hidden states"})
+                            cell_dims=("checkpoint",), attrs=DELTA_COSSIM_ATTRS)
+        written += 1
+    _delta_cossim_final_norm(group, rel, note)
+    return written
+
+
+DELTA_COSSIM_ATTRS = {"definition": "paper Appendix F.3", "representation": "raw hidden states: layer 0 = embedding output, "
+                      "layer i = output of block i (the last layer is before the final norm; see delta_cossim_final_norm)"}
+
+
+def _delta_cossim_final_norm(group: KindGroup, rel: np.ndarray, note: Note) -> int:
+    """``delta_cossim_final_norm`` float32 [checkpoint]: ΔCosSim of the ``final_norm`` state
+    (the analyses' layer :data:`FINAL_NORM_LAYER`), for the checkpoints whose final norm is
+    captured and not yet done."""
+    fn = final_norm_committed(group)
+    have = "delta_cossim_final_norm" in group.derived_arrays()
+    done = group.committed("delta_cossim_final_norm") if have else np.zeros(len(group.checkpoints), bool)
+    written = 0
+    for ci, c in enumerate(group.checkpoints):
+        if not fn[ci] or done[ci]:
+            continue
+        try:
+            v = delta_cossim(read_state(group, c, FINAL_NORM_LAYER), rel)
+        except RotelabError as e:
+            note(f"delta_cossim_final_norm [{group.kind}] {c}: left NaN ({e})")
+            v = np.nan
+        group.write_derived("delta_cossim_final_norm", ("checkpoint",), np.array(v, np.float32), index={"checkpoint": c},
+                            cell_dims=("checkpoint",), attrs={"definition": "paper Appendix F.3", "representation": "final_norm: "
+                                                              "the last block's output after the model's final norm"})
         written += 1
     return written
 
@@ -126,17 +156,20 @@ def alignment_run(run: Run, store: Store, *, kinds: Sequence[str] | None = None,
             note(f"alignment: kind {k!r} has other checkpoints/layers than 'key'; skipped")
             continue
         m = g.committed("activations") & kmask
+        fn = final_norm_committed(g) & final_norm_committed(key)
         for ci, c in enumerate(g.checkpoints):
             for li, v in enumerate(g.layers):
                 if m[ci, li] and (c, v, k) not in done:
                     work.append((g, c, v))
+            if fn[ci] and (c, FINAL_NORM_LAYER, k) not in done:
+                work.append((g, c, FINAL_NORM_LAYER))
     key_cache: dict[tuple[str, int], np.ndarray] = {}
     for g, c, v in _tqdm(work, progress and bool(work), desc="alignment"):
         if (c, v) not in key_cache:
             key_cache.clear()
-            key_cache[(c, v)] = key.read_slab(c, v)
+            key_cache[(c, v)] = read_state(key, c, v)
         try:
-            t = alignment_by_relation(key_cache[(c, v)], kitems, g.read_slab(c, v), g.items)
+            t = alignment_by_relation(key_cache[(c, v)], kitems, read_state(g, c, v), g.items)
         except RotelabError as e:
             note(f"alignment [{g.kind}] {c} layer {v}: {e}; left out")
             continue
@@ -177,7 +210,7 @@ def patching_run(run: Run, store: Store, *, progress: bool = True, note: Note = 
         sel = old[(old["source_kind"] == cfg.patching_source_kind) & (old["target_kind"] == cfg.patching_target_kind)
                   & (old["source_checkpoint"] == old["target_checkpoint"]) & (old["metric"] == cfg.patching_metric)]
         done = set(sel["target_checkpoint"].astype(str))
-    items = sample_items(run.items(cfg.patching_target_kind), cfg.patching_items_per_relation)
+    items = sample_items(run.items(cfg.patching_target_kind), cfg.patching_items_per_relation, seed=run.config.seed)
     cache = ModelCache(run, size=1)
     n = 0
     for c in ids:

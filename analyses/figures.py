@@ -7,7 +7,8 @@ unless ``save=False``, writes ``<name>.png``, ``.pdf``, ``.svg`` and the plotted
 
 | function | paper | data |
 |---|---|---|
-| :func:`plot_metric_curves` | Fig. 3, 8 | metric per checkpoint × kind |
+| :func:`plot_metric_curves` | Fig. 3, 8 | metric per checkpoint × kind, one series (main or a baseline) |
+| :func:`plot_token_curves` | Fig. 5 | metric vs total training tokens, one line per series |
 | :func:`plot_generalization_grid` | Fig. 2 | final metric over several runs (k × P) |
 | :func:`plot_projection_panels` | Fig. 7, 16 | ``proj_pca`` per stage, ΔCosSim in the titles |
 | :func:`plot_delta_cossim_layers` | Fig. 17 | ``delta_cossim`` [checkpoint, layer] |
@@ -86,15 +87,32 @@ def _order(run: Run) -> dict[str, int]:
     return {e.id: i for i, e in enumerate(run.checkpoints())}
 
 
+def series_checkpoints(run: Run, series: str = "main") -> list[str]:
+    """The checkpoint ids of one series in order; a baseline series starts from ``base`` (it is
+    trained from it), so ``base`` leads every series."""
+    entries = run.checkpoints()
+    ids = [e.id for e in entries if e.series == series]
+    if series != "main":
+        ids = [e.id for e in entries if e.phase == "base"][:1] + ids
+    return ids
+
+
+def series_names(run: Run) -> list[str]:
+    """``main`` first, then the baseline series in index order."""
+    return list(dict.fromkeys(["main", *(e.series for e in run.checkpoints())]))
+
+
 # --------------------------------------------------------------------------- Fig. 3
 
 def plot_metric_curves(run: Run, metric: str = "object_prob", *, split: str = "heldout", kinds: Sequence[str] | None = None,
                        table: pd.DataFrame | None = None, name: str | None = None, out_dir: str | Path | None = None,
-                       save: bool = True, style: Mapping[str, Any] | None = None) -> Figure:
-    """Fig. 3: ``metric`` over the checkpoints, one line per prompt kind (``split`` items;
-    ``all`` when the run has no such split). Dashed vertical lines mark phase changes."""
+                       save: bool = True, style: Mapping[str, Any] | None = None, series: str = "main") -> Figure:
+    """Fig. 3: ``metric`` over the checkpoints of one ``series`` (``main``: base → phase 1 → phase
+    2 → inject; a baseline such as ``sft``: base → its own points, never chained after phase 2),
+    one line per prompt kind (``split`` items; ``all`` when the run has no such split). Dashed
+    vertical lines mark phase changes."""
     t = metric_table(run) if table is None else table
-    t = t[t["metric"] == metric]
+    t = t[(t["metric"] == metric) & t["checkpoint"].isin(series_checkpoints(run, series))]
     if not (t["split"] == split).any():
         split = "all"
     t = t[t["split"] == split]
@@ -102,7 +120,8 @@ def plot_metric_curves(run: Run, metric: str = "object_prob", *, split: str = "h
         t = t[t["kind"].isin(kinds)]
     if t.empty:
         raise RotelabError(f"{run.root}: no {metric!r} values to plot (run `rotelab eval` first)")
-    order = _order(run)
+    ids = series_checkpoints(run, series)
+    order = {c: i for i, c in enumerate(ids)}
     t = t.groupby(["checkpoint", "phase", "kind"], sort=False)["value"].mean().reset_index()
     t["x"] = t["checkpoint"].map(order)
     t = t.sort_values(["kind", "x"])
@@ -112,17 +131,55 @@ def plot_metric_curves(run: Run, metric: str = "object_prob", *, split: str = "h
         for i, (k, g) in enumerate(t.groupby("kind", sort=False)):
             ax.plot(g["x"], g["value"], marker="o", label=k, color=_color(k, i),
                     linestyle="--" if k == "unrelated" else "-")
-        phases = [e.phase for e in run.checkpoints()]
+        phase = {e.id: e.phase for e in run.checkpoints()}
+        phases = [phase[c] for c in ids]
         for i in range(1, len(phases)):
             if phases[i] != phases[i - 1]:
                 ax.axvline(i - 0.5, color="k", linestyle=":", linewidth=0.8)
         ax.set_xticks([order[c] for c in cps], cps, rotation=60, ha="right")
         ax.set_xlabel("checkpoint")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(f"{METRIC_LABELS.get(metric, metric)} ({split} facts)")
+        ax.set_title(f"{METRIC_LABELS.get(metric, metric)} ({split} facts)" + ("" if series == "main" else f", series {series}"))
         ax.legend(ncol=2, frameon=False)
         fig.tight_layout()
-    return _finish(fig, t.drop(columns="x"), name or f"curves_{metric}", run, out_dir, save)
+    default = f"curves_{metric}" if series == "main" else f"curves_{metric}_{series}"
+    return _finish(fig, t.drop(columns="x"), name or default, run, out_dir, save)
+
+
+# --------------------------------------------------------------------------- Fig. 5
+
+def plot_token_curves(run: Run, metric: str = "gen_correct", *, kind: str = "test", split: str = "all",
+                      table: pd.DataFrame | None = None, name: str | None = None, out_dir: str | Path | None = None,
+                      save: bool = True, style: Mapping[str, Any] | None = None) -> Figure:
+    """Fig. 5: ``metric`` of ``kind`` against the total training tokens of each point
+    (:attr:`rotelab.checkpoints.CheckpointEntry.total_tokens`), one line per series — ``main``
+    (phase 1 + phase 2) and each baseline (``sft``: its own tokens), every line starting at
+    ``base`` (0 tokens). Default ``split="all"``: the paper compares SFT and the two-phase model
+    on the test prompts of all facts (Tables 5, 6)."""
+    t = metric_table(run) if table is None else table
+    t = t[(t["metric"] == metric) & (t["kind"] == kind) & (t["split"] == split)]
+    entries = {e.id: e for e in run.checkpoints()}
+    rows = []
+    for s in series_names(run):
+        for c in series_checkpoints(run, s):
+            v = t[t["checkpoint"] == c]["value"]
+            if v.empty or entries[c].total_tokens is None:
+                continue
+            rows.append((s, c, entries[c].phase, entries[c].total_tokens, float(v.mean())))
+    data = pd.DataFrame(rows, columns=["series", "checkpoint", "phase", "total_tokens", "value"])
+    if len(data) < 2:
+        raise RotelabError(f"{run.root}: no {metric!r} values of kind {kind!r} with total training tokens to plot")
+    with plt.rc_context({**STYLE, **(style or {})}):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for i, (s, g) in enumerate(data.groupby("series", sort=False)):
+            ax.plot(g["total_tokens"], g["value"], marker="o", label="memorize-then-generalize" if s == "main" else s,
+                    color=plt.get_cmap("tab10")(i % 10))
+        ax.set_xlabel("total training tokens")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(f"{METRIC_LABELS.get(metric, metric)}, {kind} prompts ({split} facts)")
+        ax.legend(frameon=False)
+        fig.tight_layout()
+    return _finish(fig, data, name or f"tokens_{metric}", run, out_dir, save)
 
 
 # --------------------------------------------------------------------------- Fig. 2
@@ -401,7 +458,11 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
         note(f"metric curves: {e}")
     for m in ("object_prob", "mc_correct", "gen_correct"):
         jobs.append((f"curves_{m}", lambda m=m: plot_metric_curves(run, m, table=table)))
+        for s in series_names(run)[1:]:
+            jobs.append((f"curves_{m}_{s}", lambda m=m, s=s: plot_metric_curves(run, m, table=table, series=s)))
         jobs.append((f"crosslingual_{m}", lambda m=m: plot_crosslingual(run, m, table=table)))
+    if len(series_names(run)) > 1:
+        jobs.append(("tokens_gen_correct", lambda: plot_token_curves(run, "gen_correct", table=table)))
     kinds = []
     try:
         st = open_store(run, "r")
@@ -436,5 +497,5 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
 __all__ = [
     "KIND_COLORS", "STYLE", "figures_run", "metric_table", "plot_alignment", "plot_alignment_delta", "plot_crosslingual",
     "plot_delta_cossim_layers", "plot_generalization_grid", "plot_metric_curves", "plot_patching_heatmap",
-    "plot_projection_panels", "save_figure",
+    "plot_projection_panels", "plot_token_curves", "save_figure", "series_checkpoints", "series_names",
 ]

@@ -224,12 +224,30 @@ def match_source_items(source_items: pd.DataFrame, target_items: pd.DataFrame) -
     return np.asarray(out, dtype=np.int64)
 
 
-def sample_items(items: pd.DataFrame, per_relation: int, split: str | None = "heldout") -> list[int]:
-    """The first ``per_relation`` item ids of each relation (of ``split`` when it has any)."""
+def sample_items(items: pd.DataFrame, per_relation: int, split: str | None = "heldout", seed: int = 0) -> list[int]:
+    """``per_relation`` item ids of each relation (of ``split`` when it has any), spread over
+    facts: a seeded random order of the relation's facts, one item (a seeded random template) per
+    fact, further rounds over the facts only when the relation has fewer facts than
+    ``per_relation``. Returned sorted by item id."""
+    import numpy as np
+
     df = items
     if split is not None and (items["split"] == split).any():
         df = items[items["split"] == split]
-    return [int(i) for i in df.groupby("relation", sort=True).head(per_relation)["item"]]
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for _, rel in df.groupby("relation", sort=True):
+        by_fact = [list(g["item"]) for _, g in rel.groupby("fact_id", sort=True)]
+        for ids in by_fact:
+            rng.shuffle(ids)
+        order = rng.permutation(len(by_fact))
+        picked: list[int] = []
+        for round_ in range(max(len(x) for x in by_fact)):
+            for f in order:
+                if round_ < len(by_fact[f]) and len(picked) < per_relation:
+                    picked.append(int(by_fact[f][round_]))
+        out += picked
+    return sorted(out)
 
 
 # --------------------------------------------------------------------------- the API

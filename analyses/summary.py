@@ -32,13 +32,21 @@ SUMMARY_KINDS = ("key", "train", "test", "unrelated", "zero")
 
 def summary_rows(run: Run) -> list[tuple[str, str]]:
     """``[(label, checkpoint id)]``: the base model, the last phase-1 point and every phase-2 point
-    of the main series — the rows of the paper's Table 1 / Figure 3 for one run."""
-    main = run.checkpoints(series="main")
+    of the main series — the rows of the paper's Table 1 / Figure 3 for one run — then the last
+    point of the injection stage (ablation C1) and of each baseline series (``sft``, ``sft-k``)."""
+    entries = run.checkpoints()
+    main = [e for e in entries if e.series == "main"]
     rows = [("base", e.id) for e in main if e.phase == "base"][:1]
     p1 = [e for e in main if e.phase == "phase1"]
     if p1:
         rows.append(("phase 1 (last)", p1[-1].id))
     rows += [(f"phase 2 ep {e.epoch:g}", e.id) for e in main if e.phase == "phase2"]
+    inj = [e for e in main if e.phase == "inject"]
+    if inj:
+        rows.append(("inject (last)", inj[-1].id))
+    for series in dict.fromkeys(e.series for e in entries if e.series != "main"):
+        last = [e for e in entries if e.series == series][-1]
+        rows.append((f"{'SFT (paper)' if series == 'sft' else series} (last)", last.id))
     return rows
 
 
@@ -54,7 +62,10 @@ def accuracy_table(run: Run, split: str = "heldout") -> str:
     if t.empty:
         return ""
     t = t[t["split"] == split]
-    kinds = [k for k in (*SUMMARY_KINDS, *[k for k in run.kinds() if k.startswith("translated-")], "icl") if k in set(t["kind"])]
+    have = run.kinds()
+    order = [*SUMMARY_KINDS[:1], "meaningful", *SUMMARY_KINDS[1:], *[k for k in have if k.startswith("translated-")], "icl",
+             *[k for k in have if k.startswith("icl-")], "repurposed", "reverse"]
+    kinds = [k for k in order if k in set(t["kind"])]
     if not kinds:
         return ""
     lines = ["| checkpoint | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
@@ -77,7 +88,11 @@ def summary_text(run: Run) -> str:
            f"phase 2: k = {cfg.phase2.k}, P = {cfg.phase2.prompts}, {cfg.phase2.epochs} epochs, lr {cfg.phase2.lr:g}, "
            f"loss on {cfg.phase2.loss_mask} · seed {cfg.seed} · {len(run.checkpoints())} checkpoints", ""]
     try:
-        for split, title in (("heldout", "Held-out facts (never trained in phase 2)"), ("train", "Phase-2 training facts")):
+        for split, title in (("heldout", "Held-out facts (never trained in phase 2)"), ("train", "Phase-2 training facts"),
+                             ("injected", "Injected facts (memorized with the key token after phase 2, ablation C1)"),
+                             ("all", "All facts (the paper compares its SFT baseline here: SFT trains every fact)")):
+            if split == "all" and not any(e.series == "sft" for e in run.checkpoints()):
+                continue
             table = accuracy_table(run, split)
             if table:
                 out += [f"## {title}", "", "Each cell: object probability / multiple-choice accuracy / generation accuracy.", "", table, ""]

@@ -31,7 +31,14 @@ class CheckpointEntry:
     loss: float | None
     path: str | None
     series: str = "main"
-    """Which series the point belongs to: ``main`` (base → phase 1 → phase 2) or a baseline."""
+    """Which series the point belongs to: ``main`` (base → phase 1 → phase 2 → inject) or a
+    baseline (``sft``, ``sft-k``)."""
+    total_tokens: int | None = None
+    """Training tokens from the base model to this point along its series (``tokens_seen`` counts
+    the point's own stage only): phase 1 + phase 2 (+ inject) for ``main``, the baseline's own for
+    a baseline — the x-axis of the paper's Fig. 5. A token is one position of a training sequence
+    (prompt and answer, BOS included, no padding), counted once per epoch it is trained. ``None`` in
+    indexes written before it was recorded."""
     sha256: str | None = None
     """:func:`weights_sha256` of the folder, recorded when it was written (None in older runs):
     the identity of the point, checked before a resumed training trusts it and part of the

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rotelab.errors import RotelabError
 
 LossMask = Literal["full", "object", "subject+object"]
-KIND_NAMES = ("zero", "key", "train", "test", "unrelated", "icl", "reverse")
 LANGUAGES = ("de", "es", "zh", "ja")
 
 
@@ -33,9 +32,11 @@ class ModelConfig(_Section):
     """``smollm2-135m`` (embedded), ``tiny-llama`` / ``tiny-llama-sp`` / ``tiny-gpt2`` /
     ``tiny-qwen2`` (random, for tests; see :mod:`rotelab.models`), a local HF folder, or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    key_token_init: str = "mean"
-    """``mean`` (mean of the input embeddings), ``normal`` (random normal with the embeddings' std),
-    or ``copy:<token>`` (copy an existing token's embedding)."""
+    key_token_init: str = "normal"
+    """``normal`` (default; paper B.4/C: each relation's key token gets its own seeded random row,
+    normal with the embeddings' per-dimension mean and std), ``mean`` (every key token starts as the
+    mean of the existing rows, i.e. all identical), or ``copy:<token>`` (a copy of an existing
+    token's row)."""
 
 
 class DataConfig(_Section):
@@ -52,15 +53,24 @@ class DataConfig(_Section):
     distractors: int = Field(99, ge=1)
     languages: list[Literal["de", "es", "zh", "ja"]] = Field(default_factory=lambda: list(LANGUAGES))
     templates_per_kind: int | None = Field(None, ge=1)
-    """Use only the first N templates of each prompt kind in evaluation and capture (None: all)."""
+    """Use only the first N templates of each prompt kind in evaluation and capture (None: all).
+    Not applied to ``train`` (always exactly the P templates phase 2 trains) nor to ``meaningful``."""
+    distractors_from: Literal["pool", "memorized"] = "pool"
+    """Where the multiple-choice distractors come from: ``pool`` (same-type entities of the
+    relation's object pool, as in the paper; most were never seen in training) or ``memorized``
+    (familiarity control, beyond the paper: the objects of *other* facts of the same relation, all
+    seen in phase 1; where a relation has too few, the rest is filled from the pool and the number
+    recorded in ``data/distractors.json``)."""
 
 
 class Phase1Config(_Section):
     """Rote memorization: ``{subject} <R_rel> {object}`` with the ordinary next-token loss."""
 
     mode: Literal["key", "no_key", "meaningful"] = "key"
-    """``key``: a new key token per relation; ``no_key``: ``{subject} {object}``; ``meaningful``:
-    the relation's meaningful template instead of the key token (paper ablations)."""
+    """``key``: a new key token per relation; ``no_key`` (ablation C2): ``{subject} {object}``;
+    ``meaningful`` (ablation C3): memorize with the relation's first train template (train-1)
+    instead of the key token; phase 2 then trains the *next* P train templates (train-2, …), and
+    train-1 is evaluated as its own prompt kind ``meaningful``."""
     epochs: int = Field(20, ge=0)
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -80,7 +90,8 @@ class Phase2Config(_Section):
     k: int = Field(20, ge=1)
     """Facts per relation used for phase-2 training (the rest are held out)."""
     prompts: int = Field(1, ge=1, le=10)
-    """P: the first P train templates of each relation."""
+    """P: the first P train templates of each relation (with ``phase1.mode: meaningful`` the P
+    templates after train-1). The ``train`` prompt kind holds exactly these P templates."""
     epochs: int = Field(5, ge=1)
     lr: float = Field(2e-5, gt=0)
     batch_size: int = Field(4, ge=1)
@@ -96,9 +107,36 @@ class Phase2Config(_Section):
     experiment, paper Appendix G.1) their ``reverse`` templates, which ask for the subject."""
 
 
+class InjectConfig(_Section):
+    """Ablation C1 (paper Appendix C, Fig. 9): after phase 2, memorize *new* facts with the key
+    token only (``{subject} <R_rel> {object}``, phase 1's loss) as a third stage of the ``main``
+    series (checkpoints ``inj-e01``…), starting from the last phase-2 checkpoint. The new facts
+    (split ``injected``) are in every prompt kind from the start, so their train/test accuracy is
+    visible before and after the injection."""
+
+    facts_per_relation: int = Field(0, ge=0)
+    """New facts per relation (0: no injection stage): generated in addition to
+    ``data.facts_per_relation``; with ``data.facts_file``, the last N facts of each relation."""
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    loss_mask: LossMask = "full"
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int | Literal["epoch"] = "epoch"
+
+
 class BaselinesConfig(_Section):
     sft: bool = False
-    """Plain SFT on the phase-2 prompts from the base model (no phase 1), as a sibling series."""
+    """The paper's SFT baseline (§5, Appendix B.5): the *base* model trained directly on
+    ``"{train template} {object}"`` for **all** facts of the relations, with the same P train
+    templates, loss mask and schedule as phase 2 (series ``sft``, checkpoints ``sft-e01``…). It
+    is compared on the test and translated prompts of those facts (every fact is an SFT training
+    fact), with its own training tokens against phase 1 + phase 2's (Fig. 5)."""
+    sft_k: bool = False
+    """Not the paper's SFT: phase 2 alone from the base model (the same k facts per relation, P
+    templates and schedule, no phase 1; series ``sft-k``, checkpoints ``sftk-e01``…). Its held-out
+    facts were never trained in any form, so it measures what phase 1 contributes."""
 
 
 class TrainConfig(_Section):
@@ -187,6 +225,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     phase1: Phase1Config = Field(default_factory=Phase1Config)
     phase2: Phase2Config = Field(default_factory=Phase2Config)
+    inject: InjectConfig = Field(default_factory=InjectConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -211,6 +250,10 @@ class Config(_Section):
             )
         if self.phase1.mode != "key" and self.phase2.repurpose:
             raise ValueError("phase2.repurpose needs phase1.mode 'key'")
+        if self.inject.facts_per_relation and not self.phase2.enabled:
+            raise ValueError("inject.facts_per_relation: the injection stage starts after phase 2, which is disabled (phase2.enabled: false)")
+        if self.inject.facts_per_relation and self.phase1.mode != "key":
+            raise ValueError("inject.facts_per_relation: injecting facts with the key token needs phase1.mode 'key'")
         for key in self.sweep:
             _get_dotted(self.model_dump(), key)  # raises KeyError for an unknown key
         return self

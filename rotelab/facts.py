@@ -200,8 +200,6 @@ def relations_to_yaml(relations: dict[str, Relation]) -> str:
             "key_token": r.key_token,
             "subject_type": r.subject_type,
             "object_pool": r.object_pool,
-            "icl": r.icl,
-            "meaningful": r.meaningful,
             "train": list(r.train),
             "test": list(r.test),
             "unrelated": list(r.unrelated),
@@ -225,15 +223,66 @@ def write_dataset(out_dir: str | Path, facts: list[Fact], relations: dict[str, R
     atomic_write_text(out / "facts.jsonl", facts_text)
 
 
-def split_facts(facts: list[Fact], k: int) -> dict[str, str]:
-    """Phase-2 split: the first ``k`` facts of each relation (file order) train, the rest are held out.
+def split_facts(facts: list[Fact], k: int, injected: int = 0) -> dict[str, str]:
+    """Phase-2 split: the first ``k`` facts of each relation (file order) train, the last
+    ``injected`` of each relation are ``injected`` (ablation C1: memorized only after phase 2), the
+    rest are held out.
 
-    Returns ``{fact id: "train" | "heldout"}``.
+    Returns ``{fact id: "train" | "heldout" | "injected"}``.
     """
+    total: dict[str, int] = {}
+    for f in facts:
+        total[f.relation] = total.get(f.relation, 0) + 1
     seen: dict[str, int] = {}
     out = {}
     for f in facts:
         n = seen.get(f.relation, 0)
-        out[f.id] = "train" if n < k else "heldout"
+        if n >= total[f.relation] - injected:
+            out[f.id] = "injected"
+        else:
+            out[f.id] = "train" if n < k else "heldout"
         seen[f.relation] = n + 1
     return out
+
+
+def memorized_distractors(facts: list[Fact], n: int, seed: int) -> tuple[list[Fact], dict[str, int]]:
+    """Facts whose distractors are the objects of *other* facts of the same relation
+    (``data.distractors_from: memorized``), in a seeded random order per fact, keeping the
+    module's rules (never the object, never overlapping it or one another). Where a relation has
+    fewer than ``n`` usable objects, the rest is filled from the fact's own pool distractors (its
+    current ``alternatives``, in order). A relation with a single fact is an error.
+
+    Returns the new facts and ``{fact id: number of pool fillers}`` (only facts that needed any).
+    """
+    by_rel: dict[str, list[str]] = {}
+    count: dict[str, int] = {}
+    for f in facts:
+        count[f.relation] = count.get(f.relation, 0) + 1
+        objs = by_rel.setdefault(f.relation, [])
+        if all(o.lower().strip() != f.object.lower().strip() for o in objs):
+            objs.append(f.object)
+    for rel, c in count.items():
+        if c < 2:
+            raise RotelabError(f"data.distractors_from: memorized needs at least two facts per relation; relation {rel!r} has {c}")
+    out, filled = [], {}
+    for f in facts:
+        chosen: list[str] = []
+        others = list(by_rel[f.relation])
+        random.Random(f"{seed}/{f.id}").shuffle(others)
+        for o in others:
+            if not _overlaps(o, f.object) and not any(_overlaps(o, c) for c in chosen):
+                chosen.append(o)
+            if len(chosen) == n:
+                break
+        k = len(chosen)
+        for a in f.alternatives:
+            if len(chosen) == n:
+                break
+            if not _overlaps(a, f.object) and not any(_overlaps(a, c) for c in chosen):
+                chosen.append(a)
+        if len(chosen) < n:
+            raise RotelabError(f"data.distractors_from: memorized: fact {f.id!r} has only {len(chosen)} distractors, need {n}")
+        if len(chosen) > k:
+            filled[f.id] = len(chosen) - k
+        out.append(Fact(f.id, f.relation, f.subject, f.object, tuple(chosen)))
+    return out, filled

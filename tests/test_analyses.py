@@ -367,6 +367,19 @@ def test_analyze_tiny_captured_run_against_brute_force(captured_run):
                 assert got.keys() == want.keys()
                 for k2, x in want.items():
                     assert got[k2] == pytest.approx(x, abs=1e-5)
+    # the final-norm state: its own ΔCosSim array and alignment rows at layer -1, brute force from final_norm
+    for kind in ("key", "test"):
+        g = st.kind(kind)
+        got = g.read_derived("delta_cossim_final_norm")
+        for ci, c in enumerate(g.checkpoints):
+            fn = g.read_final_norm([c])[0]
+            assert not np.allclose(fn, g.read_slab(c, g.layers[-1]), atol=1e-3)  # a different representation
+            assert got[ci] == pytest.approx(brute_delta_cossim(fn, g.items["relation"].tolist()), abs=1e-5)
+    g = st.kind("test")
+    for c in ("base", "p1-e02"):
+        want = brute_alignment(key.read_final_norm([c])[0], key.items, g.read_final_norm([c])[0], g.items)
+        sel = table[(table["checkpoint"] == c) & (table["layer"] == -1) & (table["kind"] == "test")]
+        assert {(r, s2): x for r, s2, x in zip(sel["relation"], sel["split"], sel["cosine"])} == pytest.approx(want, abs=1e-5)
     t = table.set_index(["checkpoint", "layer", "relation", "kind", "split"])
     k = ("capital", "test", "all")
     assert t.loc[("base", 2, *k), "delta"] == pytest.approx(t.loc[("base", 2, *k), "cosine"] - t.loc[("p1-e02", 2, *k), "cosine"])
@@ -514,3 +527,32 @@ def test_metric_table_from_store_and_run_statistics(captured_run, monkeypatch):
     assert np.allclose(out["chance"], 1 / (run.config.data.distractors + 1))
     r = out[(out["stage"] == "rote") & (out["split"] == "all")].iloc[0]
     assert r["mean"] == pytest.approx(0.75 * vals["p1-e02"].mean(), rel=1e-5)
+
+
+def test_sft_series_is_its_own_line_and_fig5_uses_total_tokens(tmp_path):
+    """The SFT series is never chained after phase 2: its curve runs base → sft-e…; Fig. 5 puts
+    every series on the total-training-tokens axis, each starting at base (0 tokens)."""
+    import matplotlib.pyplot as plt
+
+    from rotelab.analyses import figures as F
+    from rotelab.checkpoints import CheckpointEntry, write_index
+    from rotelab.config import config_from_dict
+    from rotelab.run import Run
+
+    run = Run(tmp_path / "r", config_from_dict({"name": "r"}))
+    E = CheckpointEntry
+    write_index(run.index_path, [
+        E("base", "base", 0, 0, 0, None, None, "main", 0), E("p1-e01", "phase1", 1, 5, 100, 1.0, None, "main", 100),
+        E("p2-e01", "phase2", 1, 2, 40, 1.0, None, "main", 140), E("sft-e01", "sft", 1, 9, 300, 1.0, None, "sft", 300),
+        E("sft-e02", "sft", 2, 18, 600, 1.0, None, "sft", 600)])
+    vals = {"base": 0.0, "p1-e01": 0.2, "p2-e01": 0.6, "sft-e01": 0.1, "sft-e02": 0.3}
+    table = pd.DataFrame([(c, "", k, s, "gen_correct", v) for c, v in vals.items() for k in ("test", "train") for s in ("all", "heldout")],
+                         columns=["checkpoint", "phase", "kind", "split", "metric", "value"])
+    fig = F.plot_metric_curves(run, "gen_correct", table=table, save=False)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["base", "p1-e01", "p2-e01"]
+    fig = F.plot_metric_curves(run, "gen_correct", table=table, save=False, series="sft")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["base", "sft-e01", "sft-e02"]
+    fig = F.plot_token_curves(run, "gen_correct", table=table, save=False)
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].get_lines()}
+    assert lines == {"memorize-then-generalize": ([0, 100, 140], [0.0, 0.2, 0.6]), "sft": ([0, 300, 600], [0.0, 0.1, 0.3])}
+    plt.close("all")

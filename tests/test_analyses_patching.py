@@ -190,3 +190,22 @@ def test_configured_sweep_and_heatmap(tiny_run, tmp_path):
     csv = pd.read_csv(tmp_path / "patching_key_to_test.csv")
     want = within.groupby(["target_checkpoint", "layer"])["effect"].mean()
     assert np.allclose(csv.set_index(["target_checkpoint", "layer"])["effect"].sort_index(), want.sort_index())
+
+
+def test_sample_items_spread_over_facts_seeded() -> None:
+    """One item per fact before any fact gets a second; seeded; only the requested split."""
+    import pandas as pd
+
+    from rotelab.analyses.patching import sample_items
+
+    rows = [(f"{r}-{f}", r, t, "heldout" if f >= 2 else "train") for r in ("a", "b") for f in range(6) for t in range(4)]
+    items = pd.DataFrame(rows, columns=["fact_id", "relation", "template_id", "split"])
+    items.insert(0, "item", range(len(items)))
+    got = sample_items(items, 3, seed=1)
+    picked = items.set_index("item").loc[got]
+    assert len(got) == 6 and (picked["split"] == "heldout").all()
+    assert picked.groupby("relation")["fact_id"].nunique().tolist() == [3, 3]  # three different facts each
+    assert got == sample_items(items, 3, seed=1)
+    assert any(sample_items(items, 3, seed=s) != got for s in range(2, 8))
+    many = items.set_index("item").loc[sample_items(items, 6)]  # 4 held-out facts per relation: 2 rounds
+    assert many.groupby("relation")["fact_id"].value_counts().max() == 2 and many.groupby("relation").size().tolist() == [6, 6]

@@ -13,7 +13,7 @@ from rotelab.run import Run
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2-demo", "paper-qwen2.5-1.5b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-ablations", "tiny-meaningful", "smollm2-demo", "paper-qwen2.5-1.5b", "repro-smollm2"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.name == name

@@ -139,11 +139,22 @@ def test_item_tables_per_kind() -> None:
     assert prompt_texts(f, rel, "key") == [(0, f"{f.subject} <R_capital>", f.object)]
     test = prompt_texts(f, rel, "test")
     assert [t for _, t, _ in test] == [t.format(subject=f.subject) for t in rel.test]
-    icl = build_items(facts, RELS, "icl")
-    for _, row in icl.iterrows():  # the in-context fact is always the item's own fact
-        fact = next(x for x in facts if x.id == row.fact_id)
-        assert row.text.startswith(RELS[fact.relation].icl.format(subject=fact.subject, object=fact.object))
-        assert row.text.count(fact.object) == 1
+    for kind, questions in (("icl", "test"), ("icl-translated-de", "de")):
+        icl = build_items(facts, RELS, kind, seed=3)
+        assert len(icl) == len(facts) * 10
+        contexts = set()
+        for _, row in icl.iterrows():  # context: the item's own fact through a train template; question: a test template
+            fact = next(x for x in facts if x.id == row.fact_id)
+            r = RELS[fact.relation]
+            qs = r.test if questions == "test" else r.translated["de"]
+            question = qs[row.template_id].format(subject=fact.subject)
+            context = r.train[row.context_template_id].format(subject=fact.subject) + " " + fact.object + "."
+            assert row.text == context + " " + question and row.object == fact.object
+            assert question not in context and all(t.format(subject=fact.subject) not in context for t in r.test)
+            contexts.add(row.context_template_id)
+        assert len(contexts) >= 5  # drawn over the train templates, not always the first
+    assert build_items(facts, RELS, "icl", seed=3).equals(build_items(facts, RELS, "icl", seed=3))
+    assert not build_items(facts, RELS, "icl", seed=3)["context_template_id"].equals(build_items(facts, RELS, "icl", seed=4)["context_template_id"])
     rev = build_items(facts, RELS, "reverse")
     assert set(rev.relation) == {"mother"}
     for _, row in rev.iterrows():

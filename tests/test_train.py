@@ -228,8 +228,13 @@ def test_series_index_and_checkpoints(tmp_path: Path) -> None:
     assert [e.id for e in entries] == ["base", "p1-e01", "p1-e02", "p2-e01", "p2-e02", "sft-e01", "sft-e02"]
     assert [e.series for e in entries] == ["main"] * 5 + ["sft"] * 2
     assert [e.phase for e in entries] == ["base", "phase1", "phase1", "phase2", "phase2", "sft", "sft"]
-    # 18 facts / batch 8 -> 3 steps per epoch; phase 2: 2 rel... 3 relations x k=2 x P=2 = 12 items / 4 -> 3 steps
-    assert [e.step for e in entries] == [0, 3, 6, 3, 6, 3, 6]
+    # 18 facts / batch 8 -> 3 steps per epoch; phase 2: 3 relations x k=2 x P=2 = 12 items / 4 -> 3 steps;
+    # SFT (the paper's): all 18 facts x P=2 = 36 items / 4 -> 9 steps
+    assert [e.step for e in entries] == [0, 3, 6, 3, 6, 9, 18]
+    # total training tokens: main = phase 1 + phase 2 so far, SFT its own
+    by = {e.id: e for e in entries}
+    assert by["p2-e02"].total_tokens == by["p1-e02"].tokens_seen + by["p2-e02"].tokens_seen
+    assert by["p1-e02"].total_tokens == by["p1-e02"].tokens_seen and by["sft-e02"].total_tokens == by["sft-e02"].tokens_seen
     # every listed folder is complete, nothing else is left in checkpoints/
     names = {p.name for p in run.checkpoints_dir.iterdir()}
     assert names == {e.id for e in entries} | {"index.json"}
@@ -252,7 +257,7 @@ def test_series_index_and_checkpoints(tmp_path: Path) -> None:
     seen = [e.tokens_seen for e in entries[1:3]]
     assert seen[0] > 0 and seen[1] == 2 * seen[0]
     rows = (run.logs_dir / "train_loss.csv").read_text().splitlines()[1:]
-    assert len(rows) == 18
+    assert len(rows) == 6 + 6 + 18
     # phase 1 learnt something: its loss went down
     assert entries[2].loss < entries[1].loss
     # a second call does nothing

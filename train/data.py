@@ -22,7 +22,7 @@ import torch
 from rotelab.config import LossMask
 from rotelab.errors import RotelabError
 from rotelab.facts import Fact
-from rotelab.prompts import build_items, prompt_texts
+from rotelab.prompts import MEANINGFUL_TEMPLATE_ID, build_items, phase2_template_ids, prompt_texts
 from rotelab.relations import Relation
 from rotelab.tokenization import encode
 
@@ -45,14 +45,20 @@ class Example:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def phase1_texts(facts: list[Fact], relations: dict[str, Relation], mode: str) -> list[tuple[str, str, str, str]]:
-    """``[(fact_id, prompt, answer, subject)]`` of phase 1.
+def phase1_texts(
+    facts: list[Fact], relations: dict[str, Relation], mode: str, split: dict[str, str] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """``[(fact_id, prompt, answer, subject)]`` of phase 1: every fact except the ``injected`` ones
+    of ``split`` (ablation C1 memorizes those after phase 2, :func:`inject_texts`).
 
-    ``key``: ``"{subject} <R_rel>"`` (the ``key`` prompt kind's text); ``no_key``: ``"{subject}"``;
-    ``meaningful``: the relation's meaningful template.
+    ``key``: ``"{subject} <R_rel>"`` (the ``key`` prompt kind's text); ``no_key`` (ablation C2):
+    ``"{subject}"``; ``meaningful`` (ablation C3): train-1, the relation's first train template
+    (the ``meaningful`` prompt kind's text), which phase 2 never trains.
     """
     out = []
     for f in facts:
+        if split is not None and split.get(f.id) == "injected":
+            continue
         rel = relations.get(f.relation)
         if rel is None:
             raise RotelabError(f"fact {f.id!r}: unknown relation {f.relation!r} (known: {', '.join(sorted(relations))})")
@@ -61,10 +67,19 @@ def phase1_texts(facts: list[Fact], relations: dict[str, Relation], mode: str) -
         elif mode == "no_key":
             prompt = f.subject
         elif mode == "meaningful":
-            prompt = rel.meaningful.format(subject=f.subject)
+            prompt = rel.train[MEANINGFUL_TEMPLATE_ID].format(subject=f.subject)
         else:
             raise RotelabError(f"unknown phase1.mode {mode!r} (key, no_key, meaningful)")
         out.append((f.id, prompt, f.object, f.subject))
+    return out
+
+
+def inject_texts(facts: list[Fact], relations: dict[str, Relation], split: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """``[(fact_id, prompt, answer, subject)]`` of the injection stage (ablation C1): the
+    ``injected`` facts as ``"{subject} <R_rel>"``, exactly phase 1's key-token form."""
+    out = phase1_texts([f for f in facts if split.get(f.id) == "injected"], relations, "key")
+    if not out:
+        raise RotelabError("inject stage has no facts (inject.facts_per_relation selects none)")
     return out
 
 
@@ -75,17 +90,22 @@ def phase2_texts(
     prompts: int,
     kind: str = "train",
     repurpose: dict[str, str] | None = None,
+    *,
+    phase1_mode: str = "key",
+    splits: tuple[str, ...] = ("train",),
 ) -> list[tuple[str, str, str, str]]:
-    """``[(fact_id, prompt, answer, entity in the prompt)]`` of phase 2 (and the SFT baseline).
+    """``[(fact_id, prompt, answer, entity in the prompt)]`` of phase 2 (and the SFT baselines).
 
-    The phase-2 training facts (``split == "train"``) × the first ``prompts`` templates of
-    ``kind`` (``train`` or ``reverse``); ``repurpose`` maps a relation to the relation whose
-    templates teach it (paper §7).
+    The facts whose split is in ``splits`` (phase 2: the ``train`` facts; the paper's SFT:
+    ``train`` and ``heldout``, i.e. every fact phase 1 memorizes) × the P templates of ``kind``
+    that phase 2 trains (:func:`rotelab.prompts.phase2_template_ids`; ``train`` or ``reverse``);
+    ``repurpose`` maps a relation to the relation whose templates teach it (paper §7).
     """
-    train_facts = [f for f in facts if split.get(f.id) == "train"]
+    train_facts = [f for f in facts if split.get(f.id) in splits]
     if not train_facts:
         raise RotelabError("phase 2 has no training facts (phase2.k selects none)")
-    items = build_items(train_facts, relations, kind, split, prompts, template_relations=repurpose or None)
+    ids = phase2_template_ids(prompts, phase1_mode if kind == "train" else "key")
+    items = build_items(train_facts, relations, kind, split, template_relations=repurpose or None, template_ids=ids)
     if items.empty:
         raise RotelabError(f"phase 2 with phase2.kind={kind!r}: none of the relations has {kind} templates")
     by_id = {f.id: f for f in train_facts}

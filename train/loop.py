@@ -37,9 +37,9 @@ class Stage:
     """What one stage trains: its examples, optimisation settings, and where it starts."""
 
     name: str
-    """``phase1``, ``phase2`` or ``sft`` (also the entries' ``phase``)."""
+    """``phase1``, ``phase2``, ``inject``, ``sft`` or ``sft-k`` (also the entries' ``phase``)."""
     prefix: str
-    """Checkpoint id prefix: ``p1``, ``p2``, ``sft``."""
+    """Checkpoint id prefix: ``p1``, ``p2``, ``inj``, ``sft``, ``sftk``."""
     series: str
     examples: list[Example]
     epochs: int
@@ -51,6 +51,9 @@ class Stage:
     start_dir: Path
     """Weights (and tokenizer) the stage starts from."""
     protected: set[str] = field(default_factory=set)
+    tokens_before: int = 0
+    """Training tokens of the start point (its ``total_tokens``): this stage's points record
+    ``total_tokens = tokens_before + tokens_seen``."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -63,7 +66,9 @@ class Stage:
 
 def plan_points(stage: Stage) -> list[tuple[str, int]]:
     """``[(checkpoint id, optimizer step after which it is saved)]``: every epoch (``p1-e01``…) or
-    every ``save_every`` steps plus the last step (``p1-s000120``…)."""
+    every ``save_every`` steps plus the last step (``p1-s000120``…). When every one of those steps
+    falls on an epoch boundary (``save_every`` a multiple of the steps per epoch), the ids name
+    the epochs instead (``p1-e02``, ``p1-e04``…)."""
     spe, total = stage.steps_per_epoch, stage.total_steps
     if stage.save_every == "epoch":
         return [(f"{stage.prefix}-e{e:02d}", e * spe) for e in range(1, stage.epochs + 1)]
@@ -71,6 +76,8 @@ def plan_points(stage: Stage) -> list[tuple[str, int]]:
     steps = list(range(n, total + 1, n))
     if total and (not steps or steps[-1] != total):
         steps.append(total)
+    if spe and all(s % spe == 0 for s in steps):
+        return [(f"{stage.prefix}-e{s // spe:02d}", s) for s in steps]
     return [(f"{stage.prefix}-s{s:06d}", s) for s in steps]
 
 
@@ -238,7 +245,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
             pid = save_at[step + 1]
             entry = CheckpointEntry(
                 id=pid, phase=stage.name, epoch=round((step + 1) / spe, 4), step=step + 1, tokens_seen=tokens_seen,
-                loss=round(seg_loss / seg_steps, 6), path=None, series=stage.series,
+                loss=round(seg_loss / seg_steps, 6), path=None, series=stage.series, total_tokens=stage.tokens_before + tokens_seen,
             )
             entry = _save_point(run, stage, engine, tok, entry, zero_stage, dtype)
             entries.append(entry)

@@ -1,9 +1,17 @@
-"""The train stage of a run: base checkpoint (with key tokens) → phase 1 → phase 2 → baselines.
+"""The train stage of a run: base checkpoint (with key tokens) → phase 1 → phase 2 → inject → baselines.
 
 Every step does only what is missing, so ``train_run`` resumes a killed run. Series:
 
-* ``main``: ``base``, ``p1-e01``…, ``p2-e01``… (phase 2 starts from ``phase2.start``);
-* ``sft`` (``baselines.sft``): ``sft-e01``… trained on the phase-2 data directly from ``base``.
+* ``main``: ``base``, ``p1-e01``…, ``p2-e01``… (phase 2 starts from ``phase2.start``), then with
+  ``inject.facts_per_relation`` the injection stage ``inj-e01``… (ablation C1) from the last
+  phase-2 point;
+* ``sft`` (``baselines.sft``, the paper's SFT, §5/B.5): ``sft-e01``… — the base model trained on
+  every memorized fact × the P phase-2 templates with phase 2's loss mask and schedule;
+* ``sft-k`` (``baselines.sft_k``, *not* the paper's SFT): ``sftk-e01``… — phase 2's own data
+  (k facts) from the base model, without phase 1.
+
+Every point records ``total_tokens`` (:class:`rotelab.checkpoints.CheckpointEntry`), so accuracy
+can be plotted against total training tokens (Fig. 5).
 
 The index's extra fields record ``model`` (the config's model name), ``key_token_ids``
 (``{token: id}``), ``phase1_key`` (see :func:`phase1_key`) and ``phase2_start``.
@@ -23,7 +31,7 @@ from rotelab.errors import RotelabError
 from rotelab.run import Run
 from rotelab.train import engine as eng
 from rotelab.train import series
-from rotelab.train.data import make_examples, phase1_texts, phase2_texts
+from rotelab.train.data import inject_texts, make_examples, phase1_texts, phase2_texts
 from rotelab.train.loop import Stage, plan_points, run_stage
 
 
@@ -34,7 +42,11 @@ def phase1_key(config: Config) -> str:
     (:func:`import_phase1`)."""
     d = config.model_dump(mode="json")
     train = {k: v for k, v in d["train"].items() if k not in ("keep_weights", "deepspeed")}
-    payload = {"model": d["model"], "data": d["data"], "seed": d["seed"], "phase1": d["phase1"], "train": train}
+    # the injected facts change the generated facts; the MC distractor source changes no training
+    data = {k: v for k, v in d["data"].items() if k != "distractors_from"}
+    payload = {"model": d["model"], "data": data, "seed": d["seed"], "phase1": d["phase1"], "train": train}
+    if d["inject"]["facts_per_relation"]:
+        payload["inject_facts"] = d["inject"]["facts_per_relation"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,7 +86,7 @@ def ensure_base_checkpoint(run: Run) -> CheckpointEntry:
         tokens = list(run.key_tokens().values()) if cfg.phase1.mode == "key" else []
         ids = add_key_tokens(model, tok, tokens, cfg.model.key_token_init, cfg.seed) if tokens else {}
         path, sha = series.write_checkpoint_folder(run, "base", lambda d: series.save_weights(model, tok, d, cfg.model.dtype))
-        entry = CheckpointEntry(id="base", phase="base", epoch=0.0, step=0, tokens_seen=0, loss=None, path=path, series="main", sha256=sha)
+        entry = CheckpointEntry(id="base", phase="base", epoch=0.0, step=0, tokens_seen=0, loss=None, path=path, series="main", sha256=sha, total_tokens=0)
         series.update_index(run, [entry], model=cfg.model.name, key_token_ids=ids, phase1_key=phase1_key(cfg))
     if _dist_ready():
         eng.barrier()
@@ -90,7 +102,7 @@ def _tokenizer(run: Run):
 def phase1_stage(run: Run) -> Stage:
     cfg, p1 = run.config, run.config.phase1
     tok = _tokenizer(run)
-    texts = phase1_texts(run.facts, run.relations, p1.mode)
+    texts = phase1_texts(run.facts, run.relations, p1.mode, run.split)
     examples = make_examples(tok, texts, p1.loss_mask, cfg.train.max_length)
     return Stage("phase1", "p1", "main", examples, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum,
                  p1.save_every, run.checkpoint_dir("base"), protected={phase2_start_id(run)} if cfg.phase2.enabled else set())
@@ -113,16 +125,34 @@ def phase2_start_id(run: Run) -> str:
 def _phase1_shape(run: Run) -> Stage:
     """A phase-1 stage without tokenized examples, only to plan its checkpoint ids."""
     p1 = run.config.phase1
-    n = len(run.facts)
+    n = sum(1 for f in run.facts if run.split[f.id] != "injected")
     dummy = [None] * n  # type: ignore[list-item]
     return Stage("phase1", "p1", "main", dummy, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum, p1.save_every, Path("."))
 
 
-def _phase2_examples(run: Run):
+def _phase2_examples(run: Run, splits: tuple[str, ...] = ("train",)):
+    """Phase 2's examples (``splits=("train",)``), or the paper's SFT data (``("train", "heldout")``:
+    every fact phase 1 memorizes, through the same P templates)."""
     cfg, p2 = run.config, run.config.phase2
     tok = _tokenizer(run)
-    texts = phase2_texts(run.facts, run.relations, run.split, p2.prompts, p2.kind, p2.repurpose)
+    texts = phase2_texts(run.facts, run.relations, run.split, p2.prompts, p2.kind, p2.repurpose,
+                         phase1_mode=cfg.phase1.mode, splits=splits)
     return make_examples(tok, texts, p2.loss_mask, cfg.train.max_length)
+
+
+def _total_tokens(run: Run, ckpt_id: str) -> int:
+    """``total_tokens`` of a listed point (older indexes: the sum of ``tokens_seen`` of the main
+    series up to it, which is the same number)."""
+    entries = run.checkpoints()
+    e = run.checkpoint(ckpt_id)
+    if e.total_tokens is not None:
+        return e.total_tokens
+    main = [x for x in entries if x.series == e.series]
+    upto = main[: main.index(e) + 1]
+    last: dict[str, int] = {}
+    for x in upto:
+        last[x.phase] = x.tokens_seen
+    return sum(last.values())
 
 
 def train_phase1(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
@@ -152,15 +182,43 @@ def train_phase2(run: Run, start: str | None = None, *, progress: bool = True) -
     if _rank() == 0 and prev != start:
         series.update_index(run, phase2_start=start)
     stage = Stage("phase2", "p2", "main", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
-                  p2.grad_accum, p2.save_every, start_dir, protected={start})
+                  p2.grad_accum, p2.save_every, start_dir, protected={start}, tokens_before=_total_tokens(run, start))
+    return run_stage(run, stage, progress=progress)
+
+
+def train_inject(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Ablation C1 (Appendix C, Fig. 9): memorize the ``injected`` facts with the key token only,
+    starting from the last phase-2 point (a third stage of the ``main`` series, ``inj-e01``…)."""
+    cfg, inj = run.config, run.config.inject
+    p2_points = [e for e in run.checkpoints(series="main") if e.phase == "phase2"]
+    if not p2_points:
+        raise RotelabError(f"{run.index_path}: the inject stage starts from the last phase-2 checkpoint, and there is none yet")
+    start = p2_points[-1]
+    tok = _tokenizer(run)
+    examples = make_examples(tok, inject_texts(run.facts, run.relations, run.split), inj.loss_mask, cfg.train.max_length)
+    stage = Stage("inject", "inj", "main", examples, inj.epochs, inj.lr, inj.weight_decay, inj.batch_size, inj.grad_accum,
+                  inj.save_every, run.checkpoint_dir(start), protected={start.id}, tokens_before=_total_tokens(run, start.id))
     return run_stage(run, stage, progress=progress)
 
 
 def train_sft_baseline(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
-    """Baseline (paper §5): the phase-2 data and settings trained directly from ``base`` (series ``sft``)."""
+    """The paper's SFT baseline (§5, Appendix B.5; series ``sft``): from ``base``, every fact
+    phase 1 memorizes (``train`` and ``heldout``; not the ``injected`` ones) × the same P train
+    templates as phase 2, ``"{train template} {object}"`` with phase 2's loss mask (object only by
+    default), epochs, lr and batch size. B.5: "the same parameters … just changing the dataset"."""
     p2 = run.config.phase2
     ensure_base_checkpoint(run)
-    stage = Stage("sft", "sft", "sft", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
+    stage = Stage("sft", "sft", "sft", _phase2_examples(run, ("train", "heldout")), p2.epochs, p2.lr, p2.weight_decay,
+                  p2.batch_size, p2.grad_accum, p2.save_every, run.checkpoint_dir("base"))
+    return run_stage(run, stage, progress=progress)
+
+
+def train_sft_k_baseline(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+    """Not the paper's SFT (series ``sft-k``): phase 2's own data and settings (k facts × P
+    templates) from ``base``, without phase 1 — what phase 2 alone does."""
+    p2 = run.config.phase2
+    ensure_base_checkpoint(run)
+    stage = Stage("sft-k", "sftk", "sft-k", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
                   p2.grad_accum, p2.save_every, run.checkpoint_dir("base"))
     return run_stage(run, stage, progress=progress)
 
@@ -196,8 +254,12 @@ def train_run(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     train_phase1(run, progress=progress)
     if run.config.phase2.enabled:
         train_phase2(run, progress=progress)
+    if run.config.inject.facts_per_relation:
+        train_inject(run, progress=progress)
     if run.config.baselines.sft:
         train_sft_baseline(run, progress=progress)
+    if run.config.baselines.sft_k:
+        train_sft_k_baseline(run, progress=progress)
     return run.checkpoints()
 
 
