@@ -10,9 +10,9 @@ import unicodedata
 
 import numpy as np
 import pytest
-import torch
 
 from fixtures_runs import make_tiny_run
+from references import brute_greedy, brute_logprobs
 from rotelab.errors import RotelabError
 from rotelab.models import load_model, tiny_tokenizer
 from rotelab.probe import evaluate_run, item_metrics_table, metrics_table, summary_table
@@ -52,26 +52,17 @@ def evaluated(tmp_path_factory):
 # ---------------------------------------------------------------- brute-force references
 
 
-def brute_logprobs(model, prompt_ids, answer_ids) -> np.ndarray:
-    """log P(answer token j | prompt, answer[:j]) from one plain unpadded forward pass."""
-    seq = torch.tensor([list(prompt_ids) + list(answer_ids)])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(seq).logits[0].double(), -1)
-    p = len(prompt_ids)
-    return np.array([lp[p - 1 + j, t].item() for j, t in enumerate(answer_ids)])
+def count_scored_checkpoints(monkeypatch) -> list[str]:
+    """Spy on the HF engine: the list fills with the checkpoint name of every ``score`` call."""
+    calls: list[str] = []
+    orig = HFEngine.score
 
+    def counting(self, requests):
+        calls.append(self.checkpoint.name)
+        return orig(self, requests)
 
-def brute_greedy(model, prompt_ids, n, stops) -> list[int]:
-    """Greedy decoding by full forward passes (no cache, no padding)."""
-    seq, out = list(prompt_ids), []
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-        out.append(t)
-        seq.append(t)
-        if t in stops:
-            break
-    return out
+    monkeypatch.setattr(HFEngine, "score", counting)
+    return calls
 
 
 def ref_normalize(s: str) -> str:
@@ -223,14 +214,7 @@ def test_tables_and_provenance(evaluated):
 
 def test_resume_computes_only_missing_units(tmp_path, monkeypatch):
     run = make_tiny_run(tmp_path, n_checkpoints=3)
-    calls: list[str] = []
-    orig = HFEngine.score
-
-    def counting(self, requests):
-        calls.append(self.checkpoint.name)
-        return orig(self, requests)
-
-    monkeypatch.setattr(HFEngine, "score", counting)
+    calls = count_scored_checkpoints(monkeypatch)
     evaluate_run(run, engine="hf", kinds=["key"], progress=False, shard="1/2")
     assert calls == ["p1-e01"]  # the shard: series positions ≡ 1 (mod 2)
     kg = Store.open(run.store_path, mode="r").kind("key")
@@ -357,14 +341,7 @@ def test_stale_vllm_units_are_recomputed_and_redo_recomputes_all(tmp_path, monke
     kg_w.write_item_arrays("p1-e01", arrays, attrs={"provenance/p1-e01": prov})
     _age_unit(run, "key", "p1-e01", "hf (scoring), vllm (generation)")
     _age_unit(run, "key", "p1-e02", "hf")
-    calls: list[str] = []
-    orig = HFEngine.score
-
-    def counting(self, requests):
-        calls.append(self.checkpoint.name)
-        return orig(self, requests)
-
-    monkeypatch.setattr(HFEngine, "score", counting)
+    calls = count_scored_checkpoints(monkeypatch)
     capsys.readouterr()
     evaluate_run(run, engine="hf", kinds=["key"], progress=False)
     err = capsys.readouterr().err

@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from fixtures_runs import make_tiny_run
+from references import brute_greedy, brute_logprobs
 from rotelab.models import load_model, load_tokenizer
 from rotelab.probe import evaluate_run
 from rotelab.probe.accuracy_metrics import finish_generation, plan_kind, stop_token_ids
@@ -33,27 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.ma
 
 TOL = 1e-4
 MAX_NEW = 6
-
-
-def plain_logprobs(model, seq: list[int], start: int) -> np.ndarray:
-    """log P(seq[j] | seq[:j]) for j >= start, from one unpadded forward (float64 softmax)."""
-    with torch.inference_mode():
-        logits = model(torch.tensor([seq])).logits[0].double()
-    lp = torch.log_softmax(logits, -1)
-    return np.array([float(lp[j - 1, seq[j]]) for j in range(start, len(seq))])
-
-
-def plain_greedy(model, prompt: list[int], n: int, stops: set[int]) -> list[int]:
-    """Greedy continuation by a plain argmax loop (full forward per step, no cache)."""
-    seq, out = list(prompt), []
-    with torch.inference_mode():
-        for _ in range(n):
-            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-            out.append(t)
-            seq.append(t)
-            if t in stops:
-                break
-    return out
 
 
 def _plans(run, tok, kinds):
@@ -72,12 +51,11 @@ def assert_engine_matches_plain(engine, checkpoint_dir, plans) -> None:
         worst = 0.0
         for r, req in enumerate(plan.requests):
             for c, cont in enumerate(req.continuations):
-                seq = list(req.prefix) + list(cont)
-                ref = plain_logprobs(model, seq, len(req.prefix))
+                ref = brute_logprobs(model, req.prefix, cont)
                 worst = max(worst, float(np.abs(got[r][c] - ref).max()))
         assert worst <= TOL, f"{checkpoint_dir.name}/{kind}: max |Δ logprob| {worst:.3g} > {TOL}"
         gens = engine.generate(plan.gen_prompts, MAX_NEW, stops)
-        refs = [plain_greedy(model, list(p), MAX_NEW, set(stops)) for p in plan.gen_prompts]
+        refs = [brute_greedy(model, list(p), MAX_NEW, set(stops)) for p in plan.gen_prompts]
         assert gens == refs, f"{checkpoint_dir.name}/{kind}: greedy generations differ"
 
 
@@ -149,10 +127,9 @@ def test_stored_results_match_plain_transformers_after_swaps(tmp_path, engine):
         texts = kg.read_item_array("gen_text", checkpoints=[last])[0]
         for i, (text, obj) in enumerate(zip(items["text"], items["object"])):
             enc = encode(tok, text, obj)
-            ids = list(enc.input_ids)
-            ref = float(plain_logprobs(model, ids, enc.answer_start).sum())
-            assert abs(float(lp[i]) - ref) <= TOL * max(1.0, len(ids) - enc.answer_start), (kind, i, lp[i], ref)
-            gen = plain_greedy(model, ids[: enc.answer_start], run.config.eval.max_new_tokens, set(stops))
+            ref = float(brute_logprobs(model, enc.prompt_ids, enc.answer_ids).sum())
+            assert abs(float(lp[i]) - ref) <= TOL * max(1, len(enc.answer_ids)), (kind, i, lp[i], ref)
+            gen = brute_greedy(model, enc.prompt_ids, run.config.eval.max_new_tokens, set(stops))
             assert texts[i] == finish_generation(tok, gen, set(stops)), (kind, i)
         assert math.isfinite(float(np.nansum(lp)))
 
