@@ -75,15 +75,23 @@ def init_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         return
     single = "WORLD_SIZE" not in os.environ or os.environ.get("WORLD_SIZE") == "1"
+    own_port = single and "MASTER_PORT" not in os.environ
     if single:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # one process: DeepSpeed's shared-memory all-reduce op has nothing to do; do not compile it
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo", auto_mpi_discovery=False)
+    for attempt in range(5):
+        if own_port:  # a port found free can be taken by another process before we bind it: retry
+            os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo", auto_mpi_discovery=False)
+            break
+        except dist.DistNetworkError:
+            if not own_port or attempt == 4:
+                raise
     if has_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
