@@ -35,6 +35,18 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+def apply_overrides(cfg: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with keyword overrides applied in place: ``section__field=value`` sets one field,
+    ``section=value`` replaces a whole section (or a top-level key)."""
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg.setdefault(section, {})[field] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from fixtures_runs import apply_overrides
 from rotelab.config import config_from_dict
 from rotelab.errors import RotelabError
 from rotelab.models import load_tokenizer
@@ -36,13 +37,7 @@ def cfg(name: str = "b", **over) -> dict:
         "phase1": {"epochs": 1, "lr": 3e-3, "batch_size": 8},
         "phase2": {"k": 2, "prompts": 1, "epochs": 1, "lr": 1e-3, "batch_size": 4},
     }
-    for key, value in over.items():
-        section, _, field = key.partition("__")
-        if field:
-            c.setdefault(section, {})[field] = value
-        else:
-            c[section] = value
-    return c
+    return apply_overrides(c, over)
 
 
 def make(tmp_path: Path, name: str = "b", **over) -> Run:

@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from fixtures_runs import apply_overrides
 from rotelab.config import config_from_dict
 from rotelab.errors import RotelabError
 from rotelab.models import load_model, load_tokenizer
@@ -43,13 +44,7 @@ def tiny_config(name: str = "t", model: str = "tiny-llama", **over) -> dict:
         "phase1": {"epochs": 2, "lr": 3e-3, "batch_size": 8},
         "phase2": {"k": 2, "prompts": 2, "epochs": 2, "lr": 1e-3, "batch_size": 4},
     }
-    for key, value in over.items():
-        section, _, field = key.partition("__")
-        if field:
-            cfg.setdefault(section, {})[field] = value
-        else:
-            cfg[section] = value
-    return cfg
+    return apply_overrides(cfg, over)
 
 
 def make_run(tmp_path: Path, name: str = "t", **over) -> Run:
