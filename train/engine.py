@@ -75,7 +75,11 @@ def init_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         return
     single = "WORLD_SIZE" not in os.environ or os.environ.get("WORLD_SIZE") == "1"
-    own_port = single and "MASTER_PORT" not in os.environ
+    # one process has no peer to meet: any free port will do. A MASTER_PORT inherited from a parent
+    # that initialised its own process group (a test runner, a script) is busy, so on EADDRINUSE a
+    # single process retries on a new free port.
+    if single and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
     if single:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -84,14 +88,13 @@ def init_distributed() -> None:
         # one process: DeepSpeed's shared-memory all-reduce op has nothing to do; do not compile it
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     for attempt in range(5):
-        if own_port:  # a port found free can be taken by another process before we bind it: retry
-            os.environ["MASTER_PORT"] = str(_free_port())
         try:
             deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo", auto_mpi_discovery=False)
             break
         except dist.DistNetworkError:
-            if not own_port or attempt == 4:
+            if not single or attempt == 4:
                 raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     if has_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
