@@ -128,7 +128,7 @@ def capture(
         kinds=_csv(kinds),
         layers=_int_list(layers, "--layers"),
         items=_int_list(items, "--items"),
-        shard=parse_shard(shard) if shard else None,
+        shard=_threads_for_shards(parse_shard(shard)) if shard else None,
         progress=not no_progress,
     )
 
@@ -179,6 +179,7 @@ def eval_cmd(
         with run_lock(r.root, "rotelab eval (training first)"):
             train_run(r, progress=not no_progress)
     sh = Shard.parse(shard)
+    _threads_for_shards(sh.count)
     table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
@@ -243,10 +244,22 @@ def figures_cmd(
         typer.echo(f"{name:28s} {path}")
 
 
+def _threads_for_shards(shard):
+    """Re-apply the thread rule (rotelab.threads) for ``n`` processes of a sharded command: ``shard``
+    is a count or an ``(i, n)`` tuple; returned unchanged."""
+    from rotelab import threads
+
+    threads.apply(shard[1] if isinstance(shard, tuple) else int(shard))
+    return shard
+
+
 def main() -> None:
     """Entry point: every failure is one line on stderr — user errors (``rotelab: error: …``) and
     usage errors exit 2, Ctrl-C exits 130 (``rotelab: interrupted``)."""
     try:
+        from rotelab import threads
+
+        threads.apply()  # before any stage imports torch; sharded commands re-decide for their share
         rc = app(standalone_mode=False)
     except RotelabError as err:
         _fail(str(err))
