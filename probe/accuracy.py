@@ -251,6 +251,7 @@ def _provenance(score_eng, gen_eng) -> dict[str, object]:
         "dtype": score_eng.dtype,
         "batch_size": score_eng.batch_size,
         "prefix_caching": bool(score_eng.prefix_caching),
+        "mc_scoring": getattr(score_eng, "scoring", "engine prefix cache"),
         "eval_code_version": EVAL_CODE_VERSION,
     }
     for eng in {id(score_eng): score_eng, id(gen_eng): gen_eng}.values():

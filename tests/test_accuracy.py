@@ -207,7 +207,7 @@ def test_tables_and_provenance(evaluated):
     assert [c for c in summ.columns] == [(s, m) for s in ("train", "heldout") for m in ("object prob", "MC acc", "gen acc")]
     attrs = st.kind("key")._array("mc_correct").attrs.asdict()
     prov = attrs["provenance/base"]
-    assert prov["engine"] == "hf" and prov["dtype"] == "float32" and prov["batch_size"] == 4 and "prefix_caching" in prov
+    assert prov["engine"] == "hf" and prov["dtype"] == "float32" and prov["batch_size"] == 4 and "prefix_caching" in prov and prov["mc_scoring"] == "trie"
     assert prov["engine_version"].startswith("transformers")
     assert st.read_table("eval_summary") is not None
 

@@ -1,11 +1,9 @@
-"""The transformers reference engine: batched, padding-correct, shared-prefix MC scoring.
+"""The transformers reference engine: batched, padding-correct, trie-shared MC scoring.
 
-Scoring (shared prefix): the prefixes of a batch are run once, left-padded (attention mask and
-explicit position ids, so padding changes nothing); the log-probability of every continuation's
-first token comes from the prefix's last position; the prefix's key/value cache is then gathered
-into one row per continuation and only the continuation tokens (all but the last) are run on top of
-it, one forward per continuation length (so no padding work). Work per request: prefix +
-Σ (len(option) − 1) tokens instead of Σ (prefix + option).
+Scoring: :func:`rotelab.probe.mc_trie.score_trie` — each prompt and every distinct inner node of
+its options' token trie run once, in one packed row per prompt. Work per request: prefix + inner
+trie nodes instead of Σ (prefix + option) (the flat shared-prefix scheme this replaced ran
+prefix + Σ (len(option) − 1); it is kept in ``tests/references.py`` as a reference).
 
 Generation: ``model.generate`` with greedy decoding on left-padded prompts, stopping at any of the
 stop ids.
@@ -22,16 +20,15 @@ import torch
 from rotelab.errors import RotelabError
 
 from ..accuracy_metrics import ScoreRequest
-
-#: Upper bound on the float32 logits one forward of continuation rows may hold (bytes).
-_LOGITS_BUDGET = 2**28
+from ..mc_trie import score_trie
 
 
 class HFEngine:
     """transformers engine. ``batch_size``: prefixes (and generation prompts) per forward pass."""
 
     name = "hf"
-    prefix_caching = True  # shared-prefix KV reuse (explicit, not vLLM's automatic cache)
+    prefix_caching = True  # the prompt and shared option prefixes are run once (explicit, not vLLM's automatic cache)
+    scoring = "trie"  # MC scoring scheme, recorded in the provenance
 
     def __init__(self, *, dtype: str = "float32", batch_size: int = 32, device: str | None = None) -> None:
         import transformers
@@ -74,62 +71,10 @@ class HFEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), pos.to(self.device)
 
-    @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[np.ndarray]]:
-        """Per-token log-probabilities ``[request][continuation] -> float32 [len]``."""
-        from transformers import DynamicCache
-
-        model = self._need_model()
-        out: list[list[np.ndarray]] = [[] for _ in requests]
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prefix))
-        vocab = int(model.get_output_embeddings().weight.shape[0])
-        for b0 in range(0, len(order), self.batch_size):
-            chunk = order[b0 : b0 + self.batch_size]
-            prefixes = [requests[i].prefix for i in chunk]
-            if any(len(p) == 0 for p in prefixes):
-                raise RotelabError("hf engine: a scoring prefix is empty (the tokenizer adds no BOS and the prompt is empty)")
-            ids, mask, pos = self._left_pad(prefixes)
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            last_lp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
-            kv = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
-            plen = mask.sum(-1)  # [B]
-            rows = [(b, c) for b, i in enumerate(chunk) for c in range(len(requests[i].continuations))]
-            conts = {(b, c): requests[chunk[b]].continuations[c] for b, c in rows}
-            results: dict[tuple[int, int], np.ndarray] = {}
-            rows.sort(key=lambda r: len(conts[r]))
-            longest = max(len(c) for c in conts.values())
-            cap = max(1, _LOGITS_BUDGET // (4 * vocab * max(1, longest - 1)))
-            r0 = 0
-            while r0 < len(rows):
-                # one forward per continuation length (rows are sorted by it): no padding work
-                n0 = len(conts[rows[r0]])
-                part = [r for r in rows[r0 : r0 + cap] if len(conts[r]) == n0]
-                r0 += len(part)
-                L = max(len(conts[r]) for r in part)
-                tok = torch.full((len(part), L), self.pad_id, dtype=torch.long)
-                cmask = torch.zeros((len(part), L), dtype=torch.long)
-                for j, r in enumerate(part):
-                    tok[j, : len(conts[r])] = torch.tensor(conts[r], dtype=torch.long)
-                    cmask[j, : len(conts[r])] = 1
-                tok, cmask = tok.to(self.device), cmask.to(self.device)
-                bidx = torch.tensor([b for b, _ in part], dtype=torch.long, device=self.device)
-                lp = torch.zeros((len(part), L), dtype=torch.float32, device=self.device)
-                lp[:, 0] = last_lp[bidx, tok[:, 0]]
-                if L > 1:
-                    cache = DynamicCache([(k.index_select(0, bidx), v.index_select(0, bidx)) for k, v in kv], config=model.config)
-                    attn = torch.cat([mask.index_select(0, bidx), cmask[:, :-1]], dim=1)
-                    cpos = plen.index_select(0, bidx)[:, None] + torch.arange(L - 1, device=self.device)[None, :]
-                    logits = model(
-                        input_ids=tok[:, :-1], attention_mask=attn, position_ids=cpos, past_key_values=cache, use_cache=True
-                    ).logits
-                    lps = torch.log_softmax(logits.float(), dim=-1)
-                    lp[:, 1:] = lps.gather(-1, tok[:, 1:, None])[..., 0]
-                lp_np = lp.cpu().numpy()
-                for j, r in enumerate(part):
-                    results[r] = lp_np[j, : len(conts[r])].copy()
-            for b, i in enumerate(chunk):
-                out[i] = [results[(b, c)] for c in range(len(requests[i].continuations))]
-        return out
+        """Per-token log-probabilities ``[request][continuation] -> float32 [len]`` (trie-shared, see
+        :mod:`rotelab.probe.mc_trie`)."""
+        return score_trie(self._need_model(), requests, pad_id=self.pad_id, batch_size=self.batch_size)
 
     # ------------------------------------------------------------------ generation
 
