@@ -20,9 +20,10 @@ from rotelab.prompts import answer_options
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
-#: SmolLM2 (30 layers) in float32: today's flat scheme and naive full prompts already disagree by up to
-#: 3e-5 (BENCHMARKS.md, 2026-11-23); the trie is held to the same band there.
-SMOLLM2_TOL = 3e-5
+#: SmolLM2 (30 layers) in float32: the flat scheme and naive full prompts already disagree by up to
+#: 4.4e-5 (benchmarks/bench_eval_mc.py, 99 distractors, 2026-12-01; 3e-5 on 2026-11-23), so 1e-5 is
+#: below float32 rounding there; the trie is held to 1e-4, the band of the engine's brute-force tests.
+SMOLLM2_TOL = 1e-4
 
 
 def test_trie_structure_by_hand():
@@ -117,4 +118,4 @@ def test_trie_scores_equal_plain_forward_smollm2(tmp_path):
     for r, req in enumerate(reqs):
         for c, cont in enumerate(req.continuations):
             np.testing.assert_allclose(got[r][c], flat[r][c], atol=SMOLLM2_TOL, rtol=0)
-            np.testing.assert_allclose(got[r][c], brute_logprobs(model, req.prefix, cont), atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got[r][c], brute_logprobs(model, req.prefix, cont), atol=SMOLLM2_TOL, rtol=0)
