@@ -136,7 +136,7 @@ def fast_reads(root: Path, slabs: list[tuple[str, int]]) -> list[float]:
 
     data = RunData.open(root)
     data.load()
-    data.projection("train", "proj_pca", slabs[-1][0], slabs[-1][1])  # opens the dataset once
+    data.projection("train", "proj_pca", slabs[-1][0], slabs[-1][1])  # warm-up
     out = []
     for c, layer in slabs:
         t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def main() -> None:
             print(f"{what:<52} median {pct(xs, 50):6.1f} ms  p95 {pct(xs, 95):6.1f} ms  (n={len(xs)})")
 
         line("baseline: raw store read of the slab (read_derived)", raw)
-        line("browser's slab read (is_committed + chunk)", fast)
+        line("browser's slab read (RunData, open handle, no cache)", fast)
         line("key press → repainted, every slab new (no prefetch)", cold)
         line("  process CPU per press (app + workers)", cpu)
         line("key press → repainted, revisited (cached) slabs", warm)

@@ -23,10 +23,10 @@ from textual.worker import get_current_worker
 
 from . import views
 from .actions import MAIN_ACTIONS, bindings
-from .data import PatchingPanel, Point, RunData, Snapshot, patching_panels
+from .data import Point, RunData, Snapshot
 from .panels import AccuracyPanel, CurvesPanel, PositionBar, ScatterPanel
 from .screens import ExportDone, FactPicker, FactScreen, PatchingScreen, notify_export
-from .views import ALL, Selection, SlabRequest
+from .views import ALL, PatchingPanel, Selection, SlabRequest, patching_panels
 from .widgets import LayerBar, ScatterPlot, Timeline, legend
 
 __all__ = ["ALL", "MainScreen", "SlabRequest"]

@@ -21,7 +21,8 @@ from rotelab.errors import RotelabError
 from rotelab.run import Run
 
 from .actions import FACT_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS, bindings, help_text
-from .data import FactDetail, PatchingPanel, RunData, Snapshot, find_runs, fmt, store_kinds
+from .data import FactDetail, RunData, Snapshot, find_runs, fmt, store_kinds
+from .views import PatchingPanel
 from .widgets import Heatmap, LinePlot, legend
 
 

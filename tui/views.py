@@ -1,7 +1,7 @@
-"""View models of the main screen: what each panel shows, computed from a :class:`Snapshot` and
-the user's :class:`Selection` (no Textual here, like :mod:`rotelab.tui.data`). Each panel widget
-(:mod:`rotelab.tui.panels`) paints itself from its view; a new panel is one view function here
-and one widget there.
+"""View models of the screens: what each panel of the main screen shows, computed from a
+:class:`Snapshot` and the user's :class:`Selection`, and the patching screen's heatmaps (no
+Textual here, like :mod:`rotelab.tui.data`). Each panel widget (:mod:`rotelab.tui.panels`) paints
+itself from its view; a new panel is one view function here and one widget there.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from .data import METRICS, SPLITS, Point, Snapshot, fmt, fmt_delta, projection_name
 
@@ -274,3 +275,63 @@ def scatter_view(snap: Snapshot, sel: Selection, req: SlabRequest, parts: list[n
         xy, colors, msg, (req.checkpoint, req.layer, req.kinds, req.name, sel.color_by), title,
         f"{shown} of {start} points", cats, spans,
     )
+
+
+# ---------------------------------------------------------------------------- patching screen
+_VALUE_COLUMNS = ("effect", "value", "delta", "score", "recovery")
+_PANEL_COLUMNS = ("source_kind", "target_kind", "metric", "position")
+
+
+@dataclass
+class PatchingPanel:
+    """One layer × checkpoint heatmap of the ``patching`` table (mean effect over facts)."""
+
+    title: str
+    keys: dict[str, str]
+    """The panel's source_kind / target_kind / metric / position (those present)."""
+    values: np.ndarray
+    """float [layer, column]; NaN where the sweep has no result."""
+    layers: list[int]
+    columns: list[str]
+    """checkpoint (or ``source→target`` pair) per column, in series order of the target."""
+
+
+def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[PatchingPanel]:
+    """Heatmaps from a tidy patching table. Needs a ``layer`` column, an effect column (``effect``
+    or ``value``/``delta``/``score``/``recovery``) and checkpoint columns (``source_checkpoint`` +
+    ``target_checkpoint``, ``source``+``target`` or ``checkpoint``); one panel per combination of
+    ``source_kind``/``target_kind``/``metric``/``position`` present. Empty list if not usable."""
+    if df is None or df.empty or "layer" not in df.columns:
+        return []
+    value = next((c for c in _VALUE_COLUMNS if c in df.columns), None)
+    if value is None:
+        return []
+    pairs = [("source_checkpoint", "target_checkpoint"), ("source", "target")]
+    ck_cols = next((list(p) for p in pairs if set(p) <= set(df.columns)), None)
+    if ck_cols is None:
+        ck_cols = ["checkpoint"] if "checkpoint" in df.columns else None
+    if ck_cols is None:
+        return []
+    order = {p.id: i for i, p in enumerate(points)}
+    d = df.copy()
+    if len(ck_cols) == 1:
+        d["_col"] = d[ck_cols[0]].astype(str)
+    else:  # within-checkpoint patching is labelled by its checkpoint, cross-checkpoint by the pair
+        a, b = d[ck_cols[0]].astype(str), d[ck_cols[1]].astype(str)
+        d["_col"] = np.where(a == b, a, a + "→" + b)
+    d["_ord"] = d[ck_cols[-1]].astype(str).map(lambda c: order.get(c, len(order)))
+    panel_cols = [c for c in _PANEL_COLUMNS if c in d.columns]
+    groups = d.groupby(panel_cols, dropna=False) if panel_cols else [((), d)]
+    out: list[PatchingPanel] = []
+    for key, sub in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        layers = sorted(int(v) for v in sub["layer"].unique())
+        cols = sub.drop_duplicates("_col").sort_values(["_ord", "_col"])["_col"].tolist()
+        mean = sub.groupby(["layer", "_col"])[value].mean()
+        vals = np.full((len(layers), len(cols)), np.nan)
+        for (layer, col), v in mean.items():
+            vals[layers.index(int(layer)), cols.index(col)] = float(v)
+        title = " · ".join(f"{c}={k}" for c, k in zip(panel_cols, key)) or "patching"
+        keys = {c: str(k) for c, k in zip(panel_cols, key)}
+        out.append(PatchingPanel(f"{title} ({value})", keys, vals, layers, cols))
+    return out
