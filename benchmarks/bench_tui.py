@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from textual import events
+from textual.worker import WorkerCancelled
 
 from rotelab.store import Store
 from rotelab.tui import RotelabApp
@@ -110,7 +111,10 @@ async def drive(root: Path, presses: int, prefetch: bool) -> tuple[list[float], 
             out.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             visited.append(want)
-            await app.workers.wait_for_complete()  # prefetch (if any) finishes before the next press
+            try:  # prefetch (if any) finishes before the next press
+                await app.workers.wait_for_complete()
+            except WorkerCancelled:  # a prefetch the next one replaced: done as well
+                pass
 
         keys = snake(len(s.positions()), len(s.snap.layers), (s.ckpt, s.layer_index), presses)
         for k in keys:
