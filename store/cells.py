@@ -163,6 +163,16 @@ def create_cell_array(
 
 
 # ---------------------------------------------------------------------------- cell I/O
+def _as_slice(p: np.ndarray, n: int) -> slice | np.ndarray:
+    """Positions ``p`` along a dim of size ``n`` as a slice when they are one ascending run (all,
+    or e.g. the one cell of a single-cell read), else unchanged."""
+    if len(p) == n and np.array_equal(p, np.arange(n)):
+        return slice(None)
+    if len(p) and int(p[-1]) - int(p[0]) == len(p) - 1 and bool(np.all(np.diff(p) == 1)):
+        return slice(int(p[0]), int(p[-1]) + 1)
+    return p
+
+
 class CellArray:
     """One data array of a group with its marker: committed masks, cell writes, masked reads.
 
@@ -262,11 +272,11 @@ class CellArray:
             # into the output (one float16 -> float32 pass, nothing uncommitted is read)
             return self._read_cells(pos, mask, out_shape)
         try:
-            sel_t = tuple(
-                slice(None) if len(p) == shape[k] and np.array_equal(p, np.arange(shape[k])) else p
-                for k, p in enumerate(pos)
-            )
-            data = np.asarray(arr.get_orthogonal_selection(sel_t))
+            sel_t = tuple(_as_slice(p, shape[k]) for k, p in enumerate(pos))
+            if all(isinstance(x, slice) for x in sel_t):  # zarr's basic indexing is the cheaper path
+                data = np.asarray(arr[sel_t])
+            else:
+                data = np.asarray(arr.get_orthogonal_selection(sel_t))
             if as_str:
                 data = to_str_array(data)
                 data[~mask_b] = ""
