@@ -143,8 +143,8 @@ def project_kinds(
     done = []
     for g in groups:
         if name in g.derived_arrays():
-            arr = g._array(name)  # noqa: SLF001 - attrs of our own derived array
-            same = {k: arr.attrs.get(k) for k in settings} == settings
+            attrs = g.array_attrs(name)
+            same = {k: attrs.get(k) for k in settings} == settings
             done.append(g.committed(name) if same else np.zeros_like(ready))
         else:
             done.append(np.zeros_like(ready))

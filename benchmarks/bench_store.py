@@ -7,7 +7,11 @@ Builds a store of C checkpoints x L layers x N items x H hidden (float16; defaul
 * latency of ``KindGroup.read_slab`` (marker check + one chunk, float32 out) over random slabs,
   median and p95, against the same-run baseline ``np.load`` of one slab saved as ``.npy``,
 * ``committed("activations")`` (marker scan) and ``read_activations(layers=[l])`` (one layer,
-  all checkpoints: what the TUI reads for a layer view).
+  all checkpoints: what the TUI reads for a layer view),
+* single-cell reads (``read_derived`` of one projection slab [item, 2] of a derived array with
+  every cell committed, ``read_activations`` of one slab) on the fast path — only that cell's
+  marker file is opened — against the same reads with the previous rule, a scan of every marker
+  of the array (``--no-cells`` skips this part).
 
 Usage: python benchmarks/bench_store.py [--checkpoints 25] [--layers 31] [--items 5000]
        [--hidden 576] [--write-checkpoints C] [--reads 200] [--dir DIR]
@@ -28,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from rotelab.store import Store
+from rotelab.store import cells as store_cells
 
 
 def _items(n: int) -> pd.DataFrame:
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--write-checkpoints", type=int, default=None)
     ap.add_argument("--reads", type=int, default=200)
     ap.add_argument("--dir", type=str, default=None)
+    ap.add_argument("--no-cells", action="store_true", help="skip the single-cell fast-path comparison")
     a = ap.parse_args()
     wc = a.write_checkpoints or a.checkpoints
     tmp = Path(tempfile.mkdtemp(prefix="bench_store_", dir=a.dir))
@@ -132,8 +138,54 @@ def main() -> None:
             f"read_activations(items=every 50th -> {len(item_sel)} items, all checkpoints and layers): "
             f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
         )
+        if not a.no_cells:
+            _single_cell_reads(st, cps[:wc], a.layers, a.items, a.reads, rng)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _scan_all(marker_dir: Path, shape: tuple[int, ...], cell_pos: list[np.ndarray]) -> np.ndarray:
+    """The rule before the fast path: scan every marker of the array, then pick the cells."""
+    full = store_cells.scan_markers(marker_dir, shape)
+    return full[np.ix_(*[np.asarray(p) for p in cell_pos])] if cell_pos else full
+
+
+def _single_cell_reads(st: Store, cps: list[str], n_layers: int, n_items: int, reads: int, rng: np.random.Generator) -> None:
+    kg = st.kind("key")
+    xy = rng.standard_normal((n_items, 2)).astype(np.float32)
+    t0 = time.perf_counter()
+    for c in cps:
+        for v in range(n_layers):
+            kg.write_derived("proj_pca", ("checkpoint", "layer", "item", "component"), xy, index={"checkpoint": c, "layer": v},
+                             extra_coords={"component": [0, 1]})
+    t_write = time.perf_counter() - t0
+    print(f"write_derived of {len(cps) * n_layers} projection cells [item, 2]: {t_write / (len(cps) * n_layers) * 1e3:.1f} ms/cell")
+    r = Store.open(st.path, mode="r").kind("key")
+    fast_rule = store_cells.committed_cells
+    picks = [(cps[int(rng.integers(len(cps)))], int(rng.integers(n_layers))) for _ in range(reads)]
+    for what, read in (
+        ("read_derived (one projection slab)", lambda c, v: r.read_derived("proj_pca", checkpoints=[c], layers=[v])),
+        ("read_activations (one slab)", lambda c, v: r.read_activations(checkpoints=[c], layers=[v])),
+    ):
+        read(*picks[0])  # warm-up
+        lat = {"scan": [], "fast": []}
+        for c, v in picks:  # interleaved, so load changes hit both alike
+            for rule in ("scan", "fast"):
+                store_cells.committed_cells = _scan_all if rule == "scan" else fast_rule  # type: ignore[assignment]
+                try:
+                    t0 = time.perf_counter()
+                    out = read(c, v)
+                    lat[rule].append(time.perf_counter() - t0)
+                finally:
+                    store_cells.committed_cells = fast_rule  # type: ignore[assignment]
+                assert np.isfinite(out).all()
+        med = {k: float(np.median(x)) * 1e3 for k, x in lat.items()}
+        p95 = {k: float(np.percentile(x, 95)) * 1e3 for k, x in lat.items()}
+        print(
+            f"{what}, {reads} random cells: before (scan all markers) median {med['scan']:.2f} ms, p95 {p95['scan']:.2f} ms; "
+            f"after (this cell's marker) median {med['fast']:.2f} ms, p95 {p95['fast']:.2f} ms; "
+            f"ratio before/after {med['scan'] / med['fast']:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Imports only numpy, pandas, zarr (xarray lazily, in ``KindGroup.to_xarray``) and
 """
 
 from .errors import MissingDataError, StoreError, StoreMismatchError
-from .kind_group import ITEM_COLUMNS, KindGroup
+from .kind_group import KindGroup
+from .layout import ITEM_COLUMNS
 from .zarr_store import Store
 
 __all__ = ["ITEM_COLUMNS", "KindGroup", "MissingDataError", "Store", "StoreError", "StoreMismatchError"]

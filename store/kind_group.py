@@ -1,19 +1,13 @@
-"""One prompt kind of the store: a zarr group that is one xarray Dataset.
-
-Layout of group ``<kind>`` (all arrays carry ``dimension_names``)::
-
-    checkpoint   str   [checkpoint]        checkpoint ids in series order (coordinate)
-    layer        int64 [layer]             (coordinate)
-    item         int64 [item]              item ids (coordinate)
-    fact_id relation text object split  str [item];  template_id int64 [item]   (item table)
-    activations  float16 [checkpoint, layer, item, hidden]   chunk (1, 1, n_items, hidden)
-    final_norm   float16 [checkpoint, item, hidden]          chunk (1, n_items, hidden)
-    <metric>     float32 or str [checkpoint, item]           chunk (1, n_items)
-    <derived>    float32 [dims...]                           chunk 1 along its cell dims
-    commit_<X>   uint8 [cell dims of X]                      commit markers (see commits.py)
+"""One prompt kind of the store: a zarr group that is one xarray Dataset (layout in
+:mod:`rotelab.store.layout`), with its domain API — activation slabs, final norm, per-checkpoint
+item arrays (metrics), derived arrays and coordinates. Committed-cell reading and writing is
+:mod:`rotelab.store.cells`; creating and growing the group is :mod:`rotelab.store.kind_schema`.
 
 Selections: ``checkpoints`` are checkpoint ids (str), ``layers`` are layer values (int, as in the
 ``layer`` coordinate) and ``items`` are item ids (the ``item`` coordinate), like ``xarray.sel``.
+
+This file is over 400 lines because it is the one public handle of a kind (every read and write
+method callers use, with its docstring); the work behind them lives in the modules named above.
 """
 
 from __future__ import annotations
@@ -26,98 +20,86 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import commits
-from ._zarr import (
-    CELL_DIMS,
-    ROLE,
-    STR_DTYPE,
-    VALUE_KIND,
-    create_or_open_array,
-    dims_of,
-    is_str_array,
-    jsonable,
-    quiet,
-    to_str_array,
-)
+from . import kind_schema
+from .cells import CellArray, create_cell_array, write_cells
 from .errors import MissingDataError, StoreError, StoreMismatchError
+from .layout import (
+    ACTIVATIONS,
+    DATA_ROLES,
+    DERIVED,
+    FINAL_NORM,
+    GROUP_DIMS,
+    ITEM_ARRAY,
+    ITEM_ARRAY_CELL_DIMS,
+    ITEM_ARRAY_DIMS,
+    ITEM_COLUMNS,
+    ITEM_COLUMNS_ATTR,
+    RESERVED,
+    RESERVED_ATTR_PREFIX,
+    ROLE,
+    VALUE_KIND,
+    check_name,
+    default_cell_dims,
+    marker_name,
+)
+from .zarrutil import dims_of, jsonable, quiet, to_str_array
 
 if TYPE_CHECKING:
     import xarray
 
-    from .zarr_store import Store
-
-#: Columns every item table has, in this order.
-ITEM_COLUMNS: tuple[str, ...] = ("item", "fact_id", "relation", "template_id", "text", "object", "split")
-_INT_ITEM_COLUMNS = {"item", "template_id"}
-#: Dims a kind group knows the size of.
-GROUP_DIMS: tuple[str, ...] = ("checkpoint", "layer", "item", "hidden")
-#: Names that data arrays cannot take.
-_RESERVED = {"checkpoint", "layer", "item", "hidden", "activations", "final_norm", "tables"}
-_CHECKPOINT_COORD_CHUNK = 1024
-#: Cells with at least this many values are read chunk by chunk (only committed ones).
-BIG_CELL = 65536
-
-
-def normalize_items(items: pd.DataFrame, where: str) -> dict[str, np.ndarray]:
-    """The item table as column arrays (ints int64, strings StringDType, extra columns kept)."""
-    missing = [c for c in ITEM_COLUMNS if c not in items.columns]
-    if missing:
-        raise StoreError(f"{where}: item table lacks columns {missing}")
-    cols: dict[str, np.ndarray] = {}
-    names = list(ITEM_COLUMNS) + [str(c) for c in items.columns if c not in ITEM_COLUMNS]
-    for c in names:
-        s = items[c]
-        if c in _INT_ITEM_COLUMNS:
-            cols[c] = np.asarray(s, dtype=np.int64)
-        elif c in ITEM_COLUMNS:
-            cols[c] = to_str_array(list(s))
-        elif pd.api.types.is_bool_dtype(s):
-            cols[c] = np.asarray(s, dtype=bool)
-        elif pd.api.types.is_integer_dtype(s):
-            cols[c] = np.asarray(s, dtype=np.int64)
-        elif pd.api.types.is_float_dtype(s):
-            cols[c] = np.asarray(s, dtype=np.float64)
-        else:
-            cols[c] = to_str_array(list(s))
-    ids = cols["item"]
-    if len(np.unique(ids)) != len(ids):
-        raise StoreError(f"{where}: item ids are not unique")
-    return cols
-
-
-def _equal_columns(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.dtype.kind in "TUSO" or b.dtype.kind in "TUSO":
-        return [str(x) for x in a.tolist()] == [str(x) for x in b.tolist()]
-    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
-
 
 class KindGroup:
-    """Handle on one kind's group. Get it from :meth:`Store.ensure_kind` or :meth:`Store.kind`.
+    """Handle on one kind's group. Get it from :meth:`Store.ensure_kind` or :meth:`Store.kind`
+    (or make one with :meth:`KindGroup.ensure` / ``KindGroup(root, store_path, kind)``).
 
-    The coordinate lists are read when the handle is made; :meth:`refresh` re-reads them (a
-    reader that wants to see checkpoints appended by a writer calls it; selections that name an
-    unknown checkpoint refresh once by themselves).
+    ``root`` is the store's root zarr group, ``store_path`` its folder; ``writable`` False makes
+    every write raise StoreError. The coordinate lists are read when the handle is made;
+    :meth:`refresh` re-reads them (a reader that wants to see checkpoints appended by a writer
+    calls it; selections that name an unknown checkpoint refresh once by themselves).
     """
 
-    def __init__(self, store: Store, kind: str) -> None:
-        self._store = store
+    def __init__(self, root: zarr.Group, store_path: Path, kind: str, *, writable: bool = True) -> None:
+        self._store_path = Path(store_path)
+        self._writable_flag = writable
         self.kind = kind
-        self._dir: Path = store.path / kind
+        self._dir: Path = self._store_path / kind
         try:
             with quiet():
-                self._zgroup: zarr.Group = store._root[kind]  # type: ignore[assignment]
+                self._zgroup: zarr.Group = root[kind]  # type: ignore[assignment]
         except KeyError:
-            raise MissingDataError(f"store {store.path}: no kind {kind!r}") from None
+            raise MissingDataError(f"store {self._store_path}: no kind {kind!r}") from None
         self._arrays: dict[str, zarr.Array] = {}
         self._items_cache: pd.DataFrame | None = None
         self.refresh()
 
+    @classmethod
+    def ensure(
+        cls,
+        root: zarr.Group,
+        store_path: Path,
+        kind: str,
+        *,
+        checkpoints: Sequence[str],
+        layers: Sequence[int],
+        items: pd.DataFrame,
+        hidden: int | None = None,
+    ) -> KindGroup:
+        """Create group ``kind`` or check it against the arguments, appending new checkpoint ids
+        (the semantics are :meth:`Store.ensure_kind`'s, which calls this); a writable handle."""
+        kind_schema.ensure_kind_group(
+            root, Path(store_path), kind, checkpoints=checkpoints, layers=layers, items=items, hidden=hidden
+        )
+        return cls(root, store_path, kind)
+
+    @property
+    def store_path(self) -> Path:
+        """The folder of the store this group belongs to."""
+        return self._store_path
+
     # ------------------------------------------------------------------ metadata
 
     def _where(self) -> str:
-        return f"store {self._store.path}, kind {self.kind!r}"
+        return f"store {self._store_path}, kind {self.kind!r}"
 
     def refresh(self) -> None:
         """Re-read coordinates and array metadata (sees checkpoints appended since)."""
@@ -128,10 +110,7 @@ class KindGroup:
             ids = self._array("item")[:]
         except (KeyError, MissingDataError):
             raise MissingDataError(f"{self._where()}: group is incomplete (no coordinates); rerun ensure_kind") from None
-        cp_list = [str(c) for c in np.asarray(cps).tolist()]
-        # A coordinate that was resized but not yet filled reads "" at the tail: not there yet.
-        if "" in cp_list:
-            cp_list = cp_list[: cp_list.index("")]
+        cp_list = kind_schema.stored_checkpoints(cps)
         self._checkpoints = cp_list
         self._cp_pos = {c: i for i, c in enumerate(cp_list)}
         self._layers = [int(x) for x in np.asarray(layers).tolist()]
@@ -162,8 +141,8 @@ class KindGroup:
         return (self._dir / name / "zarr.json").is_file()
 
     def _writable(self) -> None:
-        if self._store.mode != "a":
-            raise StoreError(f"store {self._store.path} is open read-only (mode 'r')")
+        if not self._writable_flag:
+            raise StoreError(f"store {self._store_path} is open read-only (mode 'r')")
 
     def _arrays_by_role(self, role: str) -> list[str]:
         with quiet():
@@ -187,7 +166,7 @@ class KindGroup:
     def items(self) -> pd.DataFrame:
         """The item table: columns item, fact_id, relation, template_id, text, object, split (+ extra)."""
         if self._items_cache is None:
-            cols = self._zgroup.attrs.get("item_columns", list(ITEM_COLUMNS))
+            cols = self._zgroup.attrs.get(ITEM_COLUMNS_ATTR, list(ITEM_COLUMNS))
             data: dict[str, Any] = {}
             for c in cols:
                 v = np.asarray(self._array(str(c))[:])
@@ -198,17 +177,17 @@ class KindGroup:
     @property
     def hidden(self) -> int | None:
         """Hidden size (last dim of ``activations`` / ``final_norm``), None if neither exists."""
-        for name in ("activations", "final_norm"):
+        for name in (ACTIVATIONS, FINAL_NORM):
             if self._has(name):
                 return int(self._array(name).shape[-1])
         return None
 
     def item_arrays(self) -> list[str]:
         """Names of the per-checkpoint item arrays (metrics)."""
-        return self._arrays_by_role("item_array")
+        return self._arrays_by_role(ITEM_ARRAY)
 
     def derived_arrays(self) -> list[str]:
-        return self._arrays_by_role("derived")
+        return self._arrays_by_role(DERIVED)
 
     def arrays(self) -> list[str]:
         """All data array names (no coordinates, item table or markers)."""
@@ -216,7 +195,7 @@ class KindGroup:
             return sorted(
                 n
                 for n, a in self._zgroup.arrays()
-                if a.attrs.get(ROLE) in ("activations", "final_norm", "item_array", "derived")
+                if a.attrs.get(ROLE) in DATA_ROLES
             )
 
     # ------------------------------------------------------------------ positions
@@ -263,184 +242,73 @@ class KindGroup:
 
     # ------------------------------------------------------------------ generic cells
 
-    def _spec(self, name: str) -> tuple[zarr.Array, tuple[str, ...], tuple[str, ...]]:
-        arr = self._array(name)
-        dims = dims_of(arr)
-        cell = tuple(str(d) for d in arr.attrs.get(CELL_DIMS, []))
-        return arr, dims, cell
+    def _cells(self, name: str) -> CellArray:
+        """Committed-cell access to data array ``name`` (MissingDataError if absent)."""
+        mname = marker_name(name)
+        marker = self._arrays.get(mname)
+        if marker is None and self._writable_flag and self._has(mname):
+            marker = self._array(mname)
+        ca = CellArray(self._zgroup, self._dir, name, self._array(name), self._where(), marker)
+        return ca
 
-    def _marker(self, name: str) -> zarr.Array:
-        """The marker array of data array ``name``, for a writer: created if a killed writer of an
-        older version left the data array without it (markers are now made before their array)."""
-        mname = commits.marker_name(name)
-        if self._has(mname):
-            return self._array(mname)
-        arr, dims, cell = self._spec(name)
-        return self._create_marker(name, cell, self._cell_shape(arr, dims, cell))
-
-    def _create_marker(self, name: str, cell_dims: Sequence[str], shape: Sequence[int]) -> zarr.Array:
-        arr = create_or_open_array(
-            self._zgroup,
-            commits.marker_name(name),
-            shape=tuple(shape),
-            dtype="uint8",
-            chunks=tuple(1 for _ in shape),
-            fill_value=0,
-            dims=list(cell_dims),
-            attributes={ROLE: "marker", "rotelab_marks": name},
-        )
-        self._arrays[commits.marker_name(name)] = arr
-        return arr
-
-    def _cell_shape(self, arr: zarr.Array, dims: tuple[str, ...], cell: tuple[str, ...]) -> tuple[int, ...]:
-        return tuple(int(arr.shape[dims.index(d)]) for d in cell)
+    def _remember_marker(self, ca: CellArray) -> None:
+        if ca.marker is not None:
+            self._arrays[marker_name(ca.name)] = ca.marker
 
     def committed(self, array: str) -> np.ndarray:
         """Committed mask of ``array`` over its cell dims: bool ``[checkpoint, layer]`` for
         ``activations``, ``[checkpoint]`` for ``final_norm`` and item arrays, the cell dims for
         derived arrays. All False for an array that does not exist yet."""
         if not self._has(array):
-            if array == "activations":
+            if array == ACTIVATIONS:
                 return np.zeros((len(self._checkpoints), len(self._layers)), dtype=bool)
             return np.zeros((len(self._checkpoints),), dtype=bool)
-        arr, dims, cell = self._spec(array)
-        mask = commits.scan_markers(self._dir / commits.marker_name(array), self._cell_shape(arr, dims, cell))
-        if "checkpoint" in cell:  # never report beyond the checkpoints this handle knows
-            ax = cell.index("checkpoint")
+        ca = self._cells(array)
+        mask = ca.committed()
+        if "checkpoint" in ca.cell_dims:  # never report beyond the checkpoints this handle knows
+            ax = ca.cell_dims.index("checkpoint")
             mask = np.take(mask, np.arange(min(mask.shape[ax], len(self._checkpoints))), axis=ax)
         return mask
 
     def is_committed(self, array: str, checkpoint: str | None = None, layer: int | None = None, **labels: Any) -> bool:
         """Whether one cell of ``array`` is committed (``checkpoint``/``layer`` as needed by its
-        cell dims; other cell dims by keyword)."""
+        cell dims; other cell dims by keyword). Opens only that cell's marker file."""
         if not self._has(array):
             return False
-        arr, dims, cell = self._spec(array)
+        ca = self._cells(array)
         given = dict(labels)
         if checkpoint is not None:
             given["checkpoint"] = checkpoint
         if layer is not None:
             given["layer"] = layer
-        missing = [d for d in cell if d not in given]
+        missing = [d for d in ca.cell_dims if d not in given]
         if missing:
             raise StoreError(f"{self._where()}: is_committed({array!r}) needs {missing}")
         try:
-            idx = tuple(self._coord_positions(d, [given[d]])[0] for d in cell)
+            idx = tuple(self._coord_positions(d, [given[d]])[0] for d in ca.cell_dims)
         except MissingDataError:
             return False
-        return commits.read_marker_cell(self._dir / commits.marker_name(array), idx)
+        return ca.is_committed(idx)
 
     def _write_cells(self, name: str, index: Mapping[str, int], data: np.ndarray) -> None:
         """Write ``data`` into the cells of ``name`` picked by ``index`` (dim -> position, cell
         dims only; absent cell dims mean all), then commit those cells."""
-        arr, dims, cell = self._spec(name)
-        bad = [d for d in index if d not in cell]
-        if bad:
-            raise StoreError(f"{self._where()}: {name!r} can only be indexed by its cell dims {list(cell)}, not {bad}")
-        region = tuple(int(index[d]) if d in index else slice(None) for d in dims)
-        expected = tuple(int(arr.shape[k]) for k, d in enumerate(dims) if d not in index)
-        data = np.asarray(data)
-        if data.shape != expected:
-            raise StoreError(
-                f"{self._where()}: data for {name!r} has shape {data.shape}, expected {expected} "
-                f"(dims {[d for d in dims if d not in index]})"
-            )
-        marker = self._marker(name)
-        mregion = tuple(int(index[d]) if d in index else slice(None) for d in cell)
-        mdir = self._dir / commits.marker_name(name)
-        if all(d in index for d in cell):
-            was = commits.read_marker_cell(mdir, tuple(int(index[d]) for d in cell))
-        else:
-            was = bool(commits.scan_markers(mdir, self._cell_shape(arr, dims, cell))[mregion].any())
-        if was:  # rewriting committed data: uncommit first so no reader trusts a mix
-            marker[mregion] = 0
-        if is_str_array(arr):
-            arr[region] = to_str_array(data)
-        else:
-            arr[region] = data.astype(arr.dtype, copy=False)
-        marker[mregion] = 1
+        ca = self._cells(name)
+        ca.write(index, data)
+        self._remember_marker(ca)
 
     def _read_masked(self, name: str, sel: Mapping[str, Sequence[int] | None]) -> np.ndarray:
-        """Read ``name`` with positions ``sel`` per dim (None = all); uncommitted cells NaN ("")."""
-        arr, dims, cell = self._spec(name)
-        shape = tuple(int(s) for s in arr.shape)
+        """Read ``name`` with positions ``sel`` per dim (None = all; ``checkpoint`` None = the
+        checkpoints this handle knows); uncommitted cells NaN ("")."""
+        ca = self._cells(name)
+        shape = ca.shape
         pos: list[np.ndarray] = []
-        for k, d in enumerate(dims):
+        for k, d in enumerate(ca.dims):
             p = sel.get(d)
             if d == "checkpoint" and p is None:
                 p = list(range(min(shape[k], len(self._checkpoints))))
             pos.append(np.arange(shape[k]) if p is None else np.asarray(list(p), dtype=np.int64))
-        out_shape = tuple(len(p) for p in pos)
-        as_str = is_str_array(arr)
-        cshape = self._cell_shape(arr, dims, cell)
-        mask_full = commits.scan_markers(self._dir / commits.marker_name(name), cshape)
-        cell_pos = [pos[dims.index(d)] for d in cell]
-        mask = mask_full[np.ix_(*cell_pos)] if cell else mask_full
-        # broadcast the cell mask over the non-cell dims
-        bshape = [out_shape[k] if d in cell else 1 for k, d in enumerate(dims)]
-        mask_b = np.broadcast_to(mask.reshape(bshape), out_shape)
-
-        def empty() -> np.ndarray:
-            if as_str:
-                return np.full(out_shape, "", dtype=STR_DTYPE)
-            return np.full(out_shape, np.nan, dtype=np.float32)
-
-        if not mask.any() or 0 in out_shape:
-            return empty()
-        cell_size = int(np.prod([s for d, s in zip(dims, shape, strict=True) if d not in cell]))
-        if cell and cell_size >= BIG_CELL:
-            # big cells (activation slabs): read the committed cells one chunk at a time, straight
-            # into the output (one float16 -> float32 pass, nothing uncommitted is read)
-            return self._read_cells(arr, dims, cell, pos, mask, out_shape)
-        try:
-            sel_t = tuple(
-                slice(None) if len(p) == shape[k] and np.array_equal(p, np.arange(shape[k])) else p
-                for k, p in enumerate(pos)
-            )
-            data = np.asarray(arr.get_orthogonal_selection(sel_t))
-            if as_str:
-                data = to_str_array(data)
-                data[~mask_b] = ""
-                return data
-            data = data.astype(np.float32, copy=False)
-            data[~mask_b] = np.nan
-            return data
-        except Exception:  # an unreadable (corrupt) chunk somewhere: read committed cells one by one
-            return self._read_cells(arr, dims, cell, pos, mask, out_shape)
-
-    def _read_cells(
-        self,
-        arr: zarr.Array,
-        dims: tuple[str, ...],
-        cell: tuple[str, ...],
-        pos: list[np.ndarray],
-        mask: np.ndarray,
-        out_shape: tuple[int, ...],
-    ) -> np.ndarray:
-        """The selection (shape ``out_shape``) read cell by cell: committed cells from their
-        chunks, everything else (and a chunk that cannot be read) NaN / ""."""
-        as_str = is_str_array(arr)
-        # np.empty + per-cell fill: np.full of a large float32 output costs more than the reads
-        out = np.full(out_shape, "", dtype=STR_DTYPE) if as_str else np.empty(out_shape, dtype=np.float32)
-        rest_k = [k for k, d in enumerate(dims) if d not in cell]
-        rest_full = all(len(pos[k]) == arr.shape[k] and np.array_equal(pos[k], np.arange(arr.shape[k])) for k in rest_k)
-        for cidx in np.ndindex(*mask.shape):
-            cmap = dict(zip(cell, cidx, strict=True))
-            dst = tuple(int(cmap[d]) if d in cmap else slice(None) for d in dims)
-            ok = False
-            if mask[cidx]:
-                src = tuple(int(pos[k][cmap[d]]) if d in cmap else slice(None) for k, d in enumerate(dims))
-                try:
-                    chunk = np.asarray(arr[src])
-                    if not rest_full:
-                        chunk = chunk[np.ix_(*[pos[k] for k in rest_k])]
-                    out[dst] = to_str_array(chunk) if as_str else chunk
-                    ok = True
-                except Exception:
-                    ok = False
-            if not ok:
-                out[dst] = "" if as_str else np.nan
-        return out
+        return ca.read(pos)
 
     def _positions(
         self,
@@ -478,9 +346,7 @@ class KindGroup:
     def read_slab(self, checkpoint: str, layer: int) -> np.ndarray:
         """One committed slab as float32 [item, hidden]; MissingDataError if not committed."""
         ci, li = self._cp_index(checkpoint), self._layer_index(layer)
-        if not self._has("activations") or not commits.read_marker_cell(
-            self._dir / commits.marker_name("activations"), (ci, li)
-        ):
+        if not self._has(ACTIVATIONS) or not self._cells(ACTIVATIONS).is_committed((ci, li)):
             raise MissingDataError(f"{self._where()}: activations slab ({checkpoint!r}, layer {layer}) is not committed")
         arr = self._array("activations")
         try:
@@ -511,11 +377,8 @@ class KindGroup:
     # ------------------------------------------------------------------ per-checkpoint item arrays
 
     def _check_new_name(self, name: str, role: str) -> None:
-        if not name or "/" in name or name.startswith((".", "_")) or commits.is_marker_name(name):
-            raise StoreError(f"{self._where()}: bad array name {name!r}")
-        cols = {str(c) for c in self._zgroup.attrs.get("item_columns", ITEM_COLUMNS)}
-        if name in _RESERVED or name in cols:
-            raise StoreError(f"{self._where()}: array name {name!r} is reserved")
+        cols = {str(c) for c in self._zgroup.attrs.get(ITEM_COLUMNS_ATTR, ITEM_COLUMNS)}
+        check_name(name, "array", self._where(), RESERVED | cols)
         if self._has(name):
             have = self._array(name).attrs.get(ROLE)
             if have != role:
@@ -526,7 +389,7 @@ class KindGroup:
         if not attrs:
             return
         new = jsonable(dict(attrs))
-        bad = [k for k in new if str(k).startswith("rotelab_")]
+        bad = [k for k in new if str(k).startswith(RESERVED_ATTR_PREFIX)]
         if bad:
             raise StoreError(f"{self._where()}: attribute names {bad} are reserved")
         arr = self._array(name)
@@ -555,7 +418,7 @@ class KindGroup:
         n = self.n_items
         prepared: dict[str, np.ndarray] = {}
         for name, values in arrays.items():
-            self._check_new_name(name, "item_array")
+            self._check_new_name(name, ITEM_ARRAY)
             v = np.asarray(values)
             if v.shape != (n,):
                 raise StoreError(f"{self._where()}: item array {name!r} has shape {v.shape}, expected ({n},)")
@@ -569,31 +432,23 @@ class KindGroup:
                     [np.nan if x is None else x for x in v.tolist()] if v.dtype.kind == "O" else v, dtype=np.float32
                 )
             value_kind = "str" if is_str else "float"
-            if not self._has(name):  # the marker first: an existing data array always has one
-                self._create_marker(name, ["checkpoint"], (len(self._checkpoints),))
-            arr = create_or_open_array(
-                self._zgroup,
-                name,
-                shape=(len(self._checkpoints), n),
-                dtype=str if is_str else "float32",
-                chunks=(1, n),
-                fill_value="" if is_str else np.nan,
-                dims=["checkpoint", "item"],
-                attributes={ROLE: "item_array", CELL_DIMS: ["checkpoint"], VALUE_KIND: value_kind},
-            )
-            self._arrays[name] = arr
+            self._arrays.pop(name, None)  # an existing array: fresh metadata (another writer may have grown it)
+            if self._has(name):
+                arr = self._array(name)
+            else:
+                arr = self._arrays[name] = create_cell_array(
+                    self._zgroup, name, role=ITEM_ARRAY, dims=ITEM_ARRAY_DIMS, shape=(len(self._checkpoints), n),
+                    cell_dims=ITEM_ARRAY_CELL_DIMS, dtype=str if is_str else "float32",
+                    fill_value="" if is_str else np.nan, attributes={VALUE_KIND: value_kind},
+                )
             if arr.attrs.get(VALUE_KIND) != value_kind:
                 raise StoreMismatchError(
                     f"{self._where()}: item array {name!r} holds {arr.attrs.get(VALUE_KIND)} values, got {value_kind}"
                 )
-        mdir = {name: self._dir / commits.marker_name(name) for name in prepared}
-        for name in prepared:  # uncommit rows being rewritten
-            if commits.read_marker_cell(mdir[name], (ci,)):
-                self._marker(name)[ci] = 0
-        for name, v in prepared.items():
-            self._array(name)[ci, :] = v
-        for name in prepared:
-            self._marker(name)[ci] = 1
+        cells = {name: self._cells(name) for name in prepared}
+        write_cells([(cells[name], {"checkpoint": ci}, v) for name, v in prepared.items()])
+        for ca in cells.values():
+            self._remember_marker(ca)
         for name in prepared:
             self._merge_attrs(name, attrs)
 
@@ -647,7 +502,7 @@ class KindGroup:
         ``cell_dims`` (first write only) can name others. Index keys must be cell dims.
         """
         self._writable()
-        self._check_new_name(name, "derived")
+        self._check_new_name(name, DERIVED)
         dims = tuple(str(d) for d in dims)
         if len(set(dims)) != len(dims):
             raise StoreError(f"{self._where()}: derived {name!r} has repeated dims {dims}")
@@ -671,66 +526,33 @@ class KindGroup:
                     raise StoreError(f"{self._where()}: cannot index new dim {d!r} without extra_coords")
                 size = int(data.shape[data_dims.index(d)])
                 self._ensure_coord(d, list(range(size)))
-            elif d not in GROUP_DIMS and d not in extra and not (self._dir / d / "c" / "0").is_file():
+            elif d not in GROUP_DIMS and d not in extra and not kind_schema.coord_written(self._dir, d):
                 self._ensure_coord(d, list(range(size)))  # completes a default coordinate left unwritten
             shape.append(int(size))
         if self._has(name):
-            arr, have_dims, cell = self._spec(name)
+            arr = self._array(name)
+            have_dims = dims_of(arr)
             if have_dims != dims or tuple(int(s) for s in arr.shape) != tuple(shape):
                 raise StoreMismatchError(
                     f"{self._where()}: derived {name!r} exists with dims {have_dims} shape {arr.shape}, "
                     f"got dims {dims} shape {tuple(shape)}"
                 )
         else:
-            cell = tuple(cell_dims) if cell_dims is not None else tuple(d for d in dims if d in ("checkpoint", "layer"))
+            cell = tuple(cell_dims) if cell_dims is not None else default_cell_dims(dims)
             if any(d not in dims for d in cell):
                 raise StoreError(f"{self._where()}: cell_dims {cell} not all in dims {dims}")
             cell = tuple(d for d in dims if d in cell)  # keep dims order
-            # the marker first: an existing data array always has its marker
-            self._create_marker(name, cell, [s for d, s in zip(dims, shape, strict=True) if d in cell])
-            arr = create_or_open_array(
-                self._zgroup,
-                name,
-                shape=shape,
-                dtype=dtype,
-                chunks=[1 if d in cell else s for d, s in zip(dims, shape, strict=True)],
+            self._arrays[name] = create_cell_array(
+                self._zgroup, name, role=DERIVED, dims=dims, shape=shape, cell_dims=cell, dtype=dtype,
                 fill_value=np.nan if np.dtype(dtype).kind == "f" else -1,  # integers: -1 (masked on read anyway)
-                dims=dims,
-                attributes={ROLE: "derived", CELL_DIMS: list(cell)},
             )
-            self._arrays[name] = arr
         pos = {d: self._coord_positions(d, [lab])[0] for d, lab in index.items()}
         self._write_cells(name, pos, data)
         self._merge_attrs(name, attrs)
 
     def _ensure_coord(self, dim: str, values: Sequence[Any]) -> None:
-        """Create coordinate ``dim`` with ``values``, complete one a killed writer left without its
-        values, or check an existing one (StoreMismatchError if its values differ). Coordinates are
-        written before any array that uses them, so such an array never sees an unwritten one."""
-        if dim in _RESERVED or commits.is_marker_name(dim) or "/" in dim:
-            raise StoreError(f"{self._where()}: bad dim name {dim!r}")
-        v = np.asarray(values)
-        is_str = v.dtype.kind in "TUSO"
-        existed = self._has(dim)
-        arr = create_or_open_array(
-            self._zgroup,
-            dim,
-            shape=(len(v),),
-            dtype=str if is_str else v.dtype,
-            chunks=(max(1, len(v)),),
-            fill_value="" if is_str else 0,
-            dims=[dim],
-            attributes={ROLE: "coord"},
-        )
-        self._arrays[dim] = arr
-        if existed and (self._dir / dim / "c" / "0").is_file():
-            have = np.asarray(arr[:]).tolist()
-            if len(have) != len(v) or [str(x) for x in have] != [str(x) for x in v.tolist()]:
-                raise StoreMismatchError(f"{self._where()}: coordinate {dim!r} exists with different values")
-            return
-        if int(arr.shape[0]) != len(v):
-            raise StoreMismatchError(f"{self._where()}: coordinate {dim!r} exists with {arr.shape[0]} values, not {len(v)}")
-        arr[:] = to_str_array(v) if is_str else v
+        """Coordinate ``dim`` with ``values`` (see :func:`kind_schema.ensure_coord`)."""
+        self._arrays[dim] = kind_schema.ensure_coord(self._zgroup, self._dir, dim, values, self._where())
 
     def read_derived(
         self,
@@ -763,7 +585,7 @@ class KindGroup:
         import xarray as xr
 
         with quiet():
-            return xr.open_zarr(self._store.path, group=self.kind, consolidated=False, zarr_format=3)
+            return xr.open_zarr(self._store_path, group=self.kind, consolidated=False, zarr_format=3)
 
     def __repr__(self) -> str:
         return (
@@ -778,4 +600,4 @@ def _as_list(x: Any) -> list[Any]:
     return list(x)
 
 
-__all__ = ["ITEM_COLUMNS", "KindGroup", "normalize_items"]
+__all__ = ["ITEM_COLUMNS", "KindGroup"]

@@ -24,24 +24,20 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from ._zarr import STR_DTYPE, jsonable, quiet, to_str_array
 from .errors import StoreError
-
-if TYPE_CHECKING:
-    from .zarr_store import Store
-
-TABLES = "tables"
+from .layout import TABLES, check_name
+from .zarrutil import EXISTS_ERRORS, STR_DTYPE, jsonable, quiet, to_str_array
 
 
-def _check_name(store: Store, name: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "_")):
-        raise StoreError(f"store {store.path}: bad table name {name!r}")
+def _check_name(path: Path, name: str) -> None:
+    check_name(name, "table", f"store {path}", reserved=())
 
 
 def _require_group(parent: zarr.Group, name: str, attrs: dict[str, Any]) -> zarr.Group:
@@ -52,17 +48,17 @@ def _require_group(parent: zarr.Group, name: str, attrs: dict[str, Any]) -> zarr
             pass
         try:
             return parent.create_group(name, attributes=attrs)
-        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+        except EXISTS_ERRORS:
             return parent[name]  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
-def _table_lock(store: Store, name: str) -> Iterator[None]:
+def _table_lock(root: zarr.Group, path: Path, name: str) -> Iterator[None]:
     """Exclusive lock of table ``name`` across processes (blocks until the other writer is done):
     a ``flock`` on the table's group folder, so the store holds no extra files."""
-    root = _require_group(store._root, TABLES, {"rotelab_tables": 1})
-    _require_group(root, name, {})
-    fd = os.open(store.path / TABLES / name, os.O_RDONLY)
+    troot = _require_group(root, TABLES, {"rotelab_tables": 1})
+    _require_group(troot, name, {})
+    fd = os.open(path / TABLES / name, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -120,8 +116,10 @@ def _decode(values: np.ndarray, kind: str, dtype: str, mask: np.ndarray | None) 
         return s
 
 
-def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
-    _check_name(store, name)
+def write_table(root: zarr.Group, path: Path, name: str, df: pd.DataFrame) -> None:
+    """Store ``df`` as table ``name`` of the store at ``path`` (root group ``root``), replacing the
+    previous version atomically."""
+    _check_name(path, name)
     index_columns: list[str] = []
     index_names: list[Any] = []
     idx = df.index
@@ -132,7 +130,7 @@ def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
         index_columns = [str(c) for c in df.columns if str(c) not in before][: len(index_names)]
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
-        raise StoreError(f"store {store.path}: table {name!r} has repeated column names")
+        raise StoreError(f"store {path}: table {name!r} has repeated column names")
     kinds, dtypes, has_mask = [], [], []
     encoded = []
     for c in df.columns:
@@ -152,17 +150,17 @@ def write_table(store: Store, name: str, df: pd.DataFrame) -> None:
             "index_names": index_names,
         }
     )
-    with _table_lock(store, name):
-        _write_version(store, name, encoded, meta)
+    with _table_lock(root, path, name):
+        _write_version(root, path, name, encoded, meta)
 
 
-def _write_version(store: Store, name: str, encoded: list[tuple[np.ndarray, np.ndarray | None]], meta: dict[str, Any]) -> None:
+def _write_version(root: zarr.Group, path: Path, name: str, encoded: list[tuple[np.ndarray, np.ndarray | None]], meta: dict[str, Any]) -> None:
     """Build a new version, switch ``current`` to it, remove the versions before the previous one
     (partial ones of killed writers included). Call with the table's lock held."""
-    root = _require_group(store._root, TABLES, {"rotelab_tables": 1})
-    tgroup = _require_group(root, name, {})
+    troot = _require_group(root, TABLES, {"rotelab_tables": 1})
+    tgroup = _require_group(troot, name, {})
     version = f"v{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-    previous = _current(store, name)
+    previous = _current(path, name)
     with quiet():
         vg = tgroup.create_group(version, attributes=meta)
         n = int(meta["n_rows"])
@@ -183,39 +181,40 @@ def _write_version(store: Store, name: str, encoded: list[tuple[np.ndarray, np.n
                 if n:
                     arr[:] = v.astype(STR_DTYPE) if is_str else v
     tgroup.update_attributes({"current": version})  # the switch: one atomic zarr.json replace
-    tdir = store.path / TABLES / name
+    tdir = path / TABLES / name
     for d in tdir.iterdir():
         if d.is_dir() and d.name.startswith("v") and d.name not in (version, previous):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _current(store: Store, name: str) -> str | None:
+def _current(path: Path, name: str) -> str | None:
     try:
-        meta = json.loads((store.path / TABLES / name / "zarr.json").read_bytes())
+        meta = json.loads((path / TABLES / name / "zarr.json").read_bytes())
     except (OSError, ValueError):
         return None
     cur = (meta.get("attributes") or {}).get("current")
     return str(cur) if cur else None
 
 
-def read_table(store: Store, name: str) -> pd.DataFrame | None:
-    _check_name(store, name)
+def read_table(root: zarr.Group, path: Path, name: str) -> pd.DataFrame | None:
+    """Table ``name`` of the store at ``path``, or None if there is none."""
+    _check_name(path, name)
     last: Exception | None = None
     for _attempt in range(20):
-        version = _current(store, name)
+        version = _current(path, name)
         if version is None:
             return None
         try:
-            return _read_version(store, name, version)
+            return _read_version(root, name, version)
         except Exception as e:  # replaced and removed while we read: follow the new pointer
             last = e
             time.sleep(0.05)
-    raise StoreError(f"store {store.path}: table {name!r} is unreadable ({type(last).__name__})")
+    raise StoreError(f"store {path}: table {name!r} is unreadable ({type(last).__name__})")
 
 
-def _read_version(store: Store, name: str, version: str) -> pd.DataFrame:
+def _read_version(root: zarr.Group, name: str, version: str) -> pd.DataFrame:
     with quiet():
-        vg = zarr.open_group(store._zstore, path=f"{TABLES}/{name}/{version}", mode="r")
+        vg = zarr.open_group(root.store, path=f"{TABLES}/{name}/{version}", mode="r")
         meta = dict(vg.attrs)
         data: dict[str, pd.Series] = {}
         n = int(meta["n_rows"])
@@ -234,8 +233,9 @@ def _read_version(store: Store, name: str, version: str) -> pd.DataFrame:
     return df
 
 
-def list_tables(store: Store) -> list[str]:
-    tdir = store.path / TABLES
+def list_tables(path: Path) -> list[str]:
+    """Names of the tables of the store at ``path`` that have a current version."""
+    tdir = path / TABLES
     if not tdir.is_dir():
         return []
-    return sorted(d.name for d in tdir.iterdir() if d.is_dir() and _current(store, d.name) is not None)
+    return sorted(d.name for d in tdir.iterdir() if d.is_dir() and _current(path, d.name) is not None)

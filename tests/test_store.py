@@ -151,7 +151,7 @@ def test_unwritten_reads_nan(tmp_path: Path) -> None:
     with pytest.raises(MissingDataError, match="not committed"):
         kg.read_slab("base", 0)
     # the raw zarr array has NaN fill, never zeros
-    raw = zarr.open_group(str(kg._store.path), mode="r")["key"]["activations"][0, 0]
+    raw = zarr.open_group(str(kg.store_path), mode="r")["key"]["activations"][0, 0]
     assert np.isnan(raw).all()
 
 
@@ -194,9 +194,67 @@ def test_commit_discipline(tmp_path: Path) -> None:
     assert st.remove_stale_partials(older_than_s=0) == 2
 
 
+def test_single_cell_reads_open_only_that_cells_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path: a one-cell read never scans the marker directory, and a cell whose data
+    chunk is there without its marker (killed writer), with a marker of other content, or never
+    written, still reads as missing, not as the bytes in its chunk."""
+    import rotelab.store.cells as cells
+
+    st, kg = make_store(tmp_path)
+    kg.write_slab(CKPTS[1], 2, slab(1, 2))
+    xy = np.arange(N_ITEMS * 2, dtype=np.float32).reshape(N_ITEMS, 2)
+    dims = ("checkpoint", "layer", "item", "component")
+    kg.write_derived("proj", dims, xy, index={"checkpoint": CKPTS[1], "layer": 2}, extra_coords={"component": [0, 1]})
+    raw = zarr.open_group(str(st.path), mode="r+")["key"]
+    # data chunks without a marker (a writer killed between its data and its marker)
+    raw["activations"][2, 3] = slab(2, 3)
+    raw["proj"][2, 3] = xy + 1
+    # a marker file of the wrong content, over data that is there
+    raw["activations"][3, 0] = slab(3, 0)
+    (st.path / "key" / "commit_activations" / "c" / "3").mkdir(parents=True, exist_ok=True)
+    (st.path / "key" / "commit_activations" / "c" / "3" / "0").write_bytes(b"\x02")
+
+    def no_scan(*_a: object, **_k: object) -> np.ndarray:
+        raise AssertionError("a single-cell read scanned every marker")
+
+    monkeypatch.setattr(cells, "scan_markers", no_scan)
+    r = Store.open(st.path, mode="r").kind("key")
+    np.testing.assert_array_equal(r.read_activations(checkpoints=[CKPTS[1]], layers=[2])[0, 0], slab(1, 2))
+    np.testing.assert_array_equal(r.read_derived("proj", checkpoints=[CKPTS[1]], layers=[2])[0, 0], xy)
+    for c, v in ((CKPTS[2], 3), (CKPTS[3], 0), (CKPTS[0], 0)):
+        assert np.isnan(r.read_activations(checkpoints=[c], layers=[v])).all(), (c, v)
+        assert np.isnan(r.read_derived("proj", checkpoints=[c], layers=[v])).all(), (c, v)
+        assert not r.is_committed("activations", c, v)
+        with pytest.raises(MissingDataError, match="not committed"):
+            r.read_slab(c, v)
+    # two cells: one committed, one not
+    both = r.read_activations(checkpoints=[CKPTS[1], CKPTS[2]], layers=[2, 3])
+    np.testing.assert_array_equal(both[0, 0], slab(1, 2))
+    assert np.isnan(both[0, 1]).all() and np.isnan(both[1]).all()
+
+
+def test_cell_masks_of_selections_agree_with_a_full_scan(tmp_path: Path) -> None:
+    """committed_cells (per-cell files or one scan, by selection size) against the scan of all
+    markers indexed by the selection, for random selections of a random commit pattern."""
+    import rotelab.store.cells as cells
+
+    _, kg = make_store(tmp_path)
+    rng = np.random.default_rng(3)
+    want = rng.random((len(CKPTS), len(LAYERS))) < 0.5
+    for ci, li in zip(*np.nonzero(want), strict=True):
+        kg.write_slab(CKPTS[ci], LAYERS[li], slab(ci, li))
+    mdir = kg.store_path / "key" / "commit_activations"
+    full = cells.scan_markers(mdir, want.shape)
+    np.testing.assert_array_equal(full, want)
+    for _ in range(30):
+        pc = rng.choice(len(CKPTS), size=int(rng.integers(1, len(CKPTS) + 1)), replace=False)
+        pl = rng.choice(len(LAYERS), size=int(rng.integers(1, len(LAYERS) + 1)), replace=False)
+        np.testing.assert_array_equal(cells.committed_cells(mdir, want.shape, [pc, pl]), want[np.ix_(pc, pl)])
+
+
 @pytest.mark.parametrize("per_cell", [False, True])
 def test_read_activations_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_cell: bool) -> None:
-    import rotelab.store.kind_group as kgmod
+    import rotelab.store.cells as kgmod
 
     monkeypatch.setattr(kgmod, "BIG_CELL", 1 if per_cell else 10**9)
     _, kg = make_store(tmp_path)
@@ -260,7 +318,7 @@ def test_item_arrays(tmp_path: Path) -> None:
     attrs = kg.to_xarray()["object_prob"].attrs
     assert attrs["engine"] == "vllm" and attrs["batch_size"] == 8
     # data written without its marker reads missing
-    raw = zarr.open_group(str(kg._store.path), mode="r+")["key"]
+    raw = zarr.open_group(str(kg.store_path), mode="r+")["key"]
     raw["object_prob"][2, :] = prob.astype(np.float32)
     raw["gen_text"][2, :] = text
     assert np.isnan(kg.read_item_array("object_prob")[2]).all()

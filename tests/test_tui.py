@@ -363,3 +363,46 @@ def test_snapshot_patching(demo_dir: Path, tmp_path: Path, snap_compare) -> None
 def test_snapshot_help(demo_dir: Path, tmp_path: Path, snap_compare) -> None:
     app, before = _snap(demo_dir, tmp_path, "question_mark")
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
+
+
+@pytest.mark.anyio
+async def test_every_action_has_a_binding_a_help_line_and_a_palette_entry(demo_dir: Path, tmp_path: Path) -> None:
+    """One action table feeds the keys, the help screen and the command palette: check all three
+    from what the running app exposes (its screens' bindings, the help text, the palette hits)."""
+    from textual.command import DiscoveryHit
+
+    from rotelab.tui.actions import APP_ACTIONS, FACT_ACTIONS, HELP_SECTIONS, MAIN_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS
+    from rotelab.tui.app import BrowserCommands
+
+    def keys_of(bindings) -> dict[str, str]:
+        return {k: b.action for b in bindings for k in b.key.split(",")}
+
+    for screen, actions in ((MainScreen, MAIN_ACTIONS), (FactScreen, FACT_ACTIONS), (PatchingScreen, PATCHING_ACTIONS),
+                            (RunPicker, PICKER_ACTIONS)):
+        bound = keys_of(screen.BINDINGS)
+        for a in actions:
+            assert all(bound.get(k) == a.action for k in a.keys.split(",")), (screen.__name__, a)
+            assert hasattr(screen, f"action_{a.action.split('(')[0]}") or a.action.startswith("app."), a
+    app_bound = keys_of(RotelabApp.BINDINGS) | {RotelabApp.COMMAND_PALETTE_BINDING: "command_palette"}
+    assert all(app_bound.get(a.keys) == a.action for a in APP_ACTIONS)
+    assert [t for t, _ in HELP_SECTIONS] == ["main screen", "fact drill-down", "patching", "run picker", "everywhere"]
+
+    app = RotelabApp(demo_dir, export_dir=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        lines = str(app.screen.query_one("#help Static").render()).splitlines()
+        names = {"question_mark": "?", "escape": "esc"}
+        for _, actions in HELP_SECTIONS:
+            for a in actions:
+                keys = [names.get(k, k) for k in a.keys.split(",")]
+                assert any(line.split()[: len(keys)] == [k + "," for k in keys[:-1]] + keys[-1:]
+                           and line.rstrip().endswith(a.help_label or a.label) for line in lines), a
+        await pilot.press("escape")
+        await pilot.pause()
+        provider = BrowserCommands(app.screen, None)
+        hits = [h async for h in provider.discover()]
+        assert all(isinstance(h, DiscoveryHit) for h in hits)
+        assert [h.display for h in hits] == [a.title for a in MAIN_ACTIONS]
+        assert [h.help for h in hits] == [a.help for a in MAIN_ACTIONS]

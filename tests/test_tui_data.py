@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from rotelab.store import Store
 from rotelab.tui import canvas
-from rotelab.tui.data import SPLITS, RunData, fmt, patching_panels
+from rotelab.tui.data import SPLITS, RunData, fmt
 from rotelab.tui.demo import DemoSpec, make_demo_run
+from rotelab.tui.views import patching_panels
 
 SPEC = DemoSpec(
     kinds=("key", "train", "test"),
@@ -60,12 +62,47 @@ def test_projection_slab_and_uncommitted_slab(run) -> None:
     data.load()
     g = Store.open(run.store_path, mode="r").kind("key")
     got = data.projection("key", "proj_pca", "p1-e02", 2)
-    raw = np.asarray(g._array("proj_pca")[2, 2])  # zarr directly: position of p1-e02 is 2
+    raw = np.asarray(zarr.open_group(str(run.store_path), mode="r")["key"]["proj_pca"][2, 2])  # position of p1-e02 is 2
     np.testing.assert_array_equal(got, raw[:, :2])
     missing = data.projection("key", "proj_pca", "p2-e02", 1)
     assert missing is not None and np.isnan(missing).all()
     assert data.projection("key", "proj_umap", "p1-e02", 2) is None  # no such array
     assert data.cached("key", "proj_pca", "p1-e02", 2)
+
+
+def test_view_models_of_the_main_panels(run) -> None:
+    """Accuracy rows (value and change since the previous checkpoint of the series) and the
+    scatter (points, colors, counts) against the store's arrays and item table, by hand."""
+    from rotelab.tui.views import Selection, accuracy_view, scatter_view, slab_request, timeline_view
+
+    data = RunData(run)
+    snap = data.load()
+    ids = [p.id for p in snap.points]
+    sel = Selection(ckpt=ids.index("p1-e02"), layer_index=2, kind="test")
+    items = run.items("test")
+    g = Store.open(run.store_path, mode="r").kind("test")
+    acc = accuracy_view(snap, sel)
+    row = dict(acc.rows)["test"]
+    for m, name in enumerate(("object_prob", "mc_correct", "gen_correct")):
+        vals = g.read_item_array(name)
+        for s, split in enumerate(SPLITS):
+            cols = [i for i in range(len(items)) if items["split"][i] == split]
+            now = sum(float(vals[g.checkpoints.index("p1-e02"), i]) for i in cols) / len(cols)
+            before = sum(float(vals[g.checkpoints.index("p1-e01"), i]) for i in cols) / len(cols)
+            value, delta = row[m * len(SPLITS) + s]
+            assert value == pytest.approx(now, rel=1e-6) and delta == pytest.approx(now - before, rel=1e-5, abs=1e-9)
+    assert acc.title.startswith("accuracy at p1-e02 (Δ vs p1-e01)")
+    tl = timeline_view(snap, sel)
+    assert [p.id for p in tl.points] == ids and tl.selected == ids.index("p1-e02")
+    req = slab_request(snap, sel)
+    assert req is not None and (req.kinds, req.checkpoint, req.layer) == (("test",), "p1-e02", 2)
+    part = data.projection("test", req.name, req.checkpoint, req.layer)
+    view = scatter_view(snap, sel, req, [part])
+    want = g.read_derived(req.name, checkpoints=["p1-e02"], layers=[2])[0, 0, :, :2]
+    np.testing.assert_array_equal(view.xy, want)
+    rels = sorted(set(items["relation"]))
+    np.testing.assert_array_equal(view.colors, [rels.index(r) for r in items["relation"]])
+    assert view.subtitle == f"{len(items)} of {len(items)} points" and view.spans == [("test", 0, len(items))]
 
 
 def test_alignment_curves_match_pandas(run) -> None:

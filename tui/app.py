@@ -6,39 +6,22 @@ from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
+from textual import on
 from textual.app import App, SystemCommand
-from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import Screen
 
 from rotelab.errors import RotelabError
 
+from .actions import APP_ACTIONS, COMMAND_PALETTE, MAIN_ACTIONS, bindings
 from .data import RunData, find_runs
-
-#: Command palette entries: (title, help, action on the main screen).
-MAIN_COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("Next checkpoint", "Step the timeline forward", "checkpoint(1)"),
-    ("Previous checkpoint", "Step the timeline back", "checkpoint(-1)"),
-    ("Next layer", "One layer up", "layer(1)"),
-    ("Previous layer", "One layer down", "layer(-1)"),
-    ("Next prompt kind", "Filter the projection to the next kind (or all, jointly)", "kind(1)"),
-    ("Toggle PCA / UMAP", "Switch the projection method", "method"),
-    ("Toggle joint projection space", "Per-kind projection or the joint space of several kinds", "joint"),
-    ("Color by relation / kind", "Switch what the scatter colors encode", "color_by"),
-    ("Next checkpoint series", "main, or a baseline series such as sft", "series"),
-    ("Find a fact", "Drill down into one fact's prompts, generations and probabilities", "find_fact"),
-    ("Patching heatmap", "Layer × checkpoint activation patching results", "patching"),
-    ("Export current view", "Write the view as a paper figure (PNG, PDF, SVG + CSV)", "export"),
-    ("Refresh from store", "Re-read what has been committed since", "refresh"),
-)
-
+from .main_screen import MainScreen
+from .screens import HelpScreen, RunPicker
 
 class BrowserCommands(Provider):
     """The main actions of the browser for the command palette (ctrl+p)."""
 
     def _target(self) -> Screen | None:
-        from .main_screen import MainScreen
-
         for s in reversed(self.app.screen_stack):
             if isinstance(s, MainScreen):
                 return s
@@ -48,18 +31,18 @@ class BrowserCommands(Provider):
         target = self._target()
         if target is None:
             return
-        for title, help_text, action in MAIN_COMMANDS:
-            yield DiscoveryHit(title, partial(target.run_action, action), help=help_text)
+        for a in MAIN_ACTIONS:
+            yield DiscoveryHit(a.title, partial(target.run_action, a.action), help=a.help)
 
     async def search(self, query: str) -> Hits:
         target = self._target()
         if target is None:
             return
         matcher = self.matcher(query)
-        for title, help_text, action in MAIN_COMMANDS:
-            score = matcher.match(title)
+        for a in MAIN_ACTIONS:
+            score = matcher.match(a.title)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(target.run_action, action), help=help_text)
+                yield Hit(score, matcher.highlight(a.title), partial(target.run_action, a.action), help=a.help)
 
 
 class RotelabApp(App[None]):
@@ -68,10 +51,7 @@ class RotelabApp(App[None]):
     CSS_PATH = "rotelab.tcss"
     TITLE = "rotelab"
     COMMANDS = App.COMMANDS | {BrowserCommands}
-    BINDINGS = [
-        Binding("question_mark", "help", "help", show=True),
-        Binding("q", "quit", "quit", show=True),
-    ]
+    BINDINGS = bindings(tuple(a for a in APP_ACTIONS if a.action != COMMAND_PALETTE))
 
     def __init__(self, target: str | Path, export_dir: Path | None = None) -> None:
         super().__init__()
@@ -81,17 +61,16 @@ class RotelabApp(App[None]):
         self.last_export: list[Path] = []
 
     def on_mount(self) -> None:
-        from .main_screen import MainScreen
-        from .screens import RunPicker
-
         if (self.target / "config.yaml").is_file():
             self.push_screen(MainScreen(RunData.open(self.target)))
         else:
             self.push_screen(RunPicker(self.target))
 
-    def action_help(self) -> None:
-        from .screens import HelpScreen
+    @on(RunPicker.Chosen)
+    def _run_chosen(self, message: RunPicker.Chosen) -> None:
+        self.push_screen(MainScreen(message.data))
 
+    def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 

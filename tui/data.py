@@ -51,18 +51,9 @@ def projection_name(method: str, joint: bool) -> str:
     return f"proj_{method}" + ("_joint" if joint else "")
 
 
-def _phase_of(ckpt_id: str) -> str:
-    if ckpt_id == "base":
-        return "base"
-    if ckpt_id.startswith("p1-"):
-        return "phase1"
-    if ckpt_id.startswith("p2-"):
-        return "phase2"
-    return ckpt_id.split("-", 1)[0]
-
-
-def _series_of(phase: str) -> str:
-    return "main" if phase in ("base", "phase1", "phase2") else phase
+UNINDEXED = "not in index"
+"""Phase and series of a checkpoint the store holds but the run's checkpoint index does not list
+(phases come from the index only, never from the shape of an id)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +198,14 @@ def find_runs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
 
 
+def store_kinds(run: Run) -> list[str]:
+    """The prompt kinds in the run's store (display order); [] while there is no store."""
+    try:
+        return sorted(Store.open(run.store_path, mode="r").kinds(), key=kind_sort_key)
+    except RotelabError:
+        return []
+
+
 class RunData:
     """Read-only access to one run for the browser (thread safe)."""
 
@@ -216,7 +215,6 @@ class RunData:
         self._store: Store | None = None
         self._groups: dict[str, object] = {}
         self._cache: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
-        self._datasets: dict[str, object] = {}  # kind -> lazily opened xarray Dataset (or False)
         self._cache_size = cache_slabs
         self.snapshot: Snapshot | None = None
 
@@ -238,10 +236,9 @@ class RunData:
             entries = []
         pts = [Point(e.id, e.phase, e.epoch, e.series, e.loss) for e in entries]
         known = {p.id for p in pts}
-        for cid in store_ids:  # the store may know ids the index lost; show them too
+        for cid in store_ids:  # the store may know ids the index lost; show them, as their own series
             if cid not in known:
-                ph = _phase_of(cid)
-                pts.append(Point(cid, ph, None, _series_of(ph)))
+                pts.append(Point(cid, UNINDEXED, None, UNINDEXED))
                 known.add(cid)
         return pts
 
@@ -249,7 +246,6 @@ class RunData:
         """(Re)read everything small; drops the projection cache. Never raises for missing data."""
         with self._lock:
             self._cache.clear()
-            self._datasets = {}
             self._groups = {}
             store = self._store = self._open_store()
             name = self.run.root.name
@@ -348,12 +344,7 @@ class RunData:
     # ---------------------------------------------------------------- slabs
     def projection(self, kind: str, name: str, checkpoint: str, layer: int) -> np.ndarray | None:
         """float32 [item, 2] of one slab (all NaN while uncommitted); None if the kind has no
-        such array.
-
-        A slab costs one marker file (``is_committed``) and one chunk read through the group's
-        lazily opened xarray Dataset (~1 ms); ``read_derived`` would scan every marker of the
-        array (775 files for 25 × 31) on each step.
-        """
+        such array. One ``read_derived`` of one cell: that cell's marker file and its chunk."""
         key = (kind, name, checkpoint, int(layer))
         with self._lock:
             if key in self._cache:
@@ -370,23 +361,9 @@ class RunData:
         snap = self.snapshot
         if g is None or snap is None or name not in snap.projections.get(kind, []):
             return None
-        missing = np.full((g.n_items, 2), np.nan, dtype=np.float32)
-        if checkpoint not in g.checkpoints or layer not in g.layers or not g.is_committed(name, checkpoint, layer):
-            return missing
-        ds = self._datasets.get(kind)
-        if ds is None:
-            try:
-                ds = self._datasets[kind] = g.to_xarray()
-            except Exception:  # xarray unavailable or group mid-growth: the store's own reader
-                ds = self._datasets[kind] = False
-        if ds is not False and name in ds.variables and ds[name].dims[:2] == ("checkpoint", "layer"):
-            ci, li = g.checkpoints.index(checkpoint), g.layers.index(layer)
-            if ci < ds[name].shape[0]:
-                return np.asarray(ds[name].variable[ci, li], dtype=np.float32)[:, :2]
-        try:
-            return np.asarray(g.read_derived(name, checkpoints=[checkpoint], layers=[layer])[0, 0, :, :2], dtype=np.float32)
-        except MissingDataError:
-            return missing
+        if checkpoint not in g.checkpoints or layer not in g.layers:
+            return np.full((g.n_items, 2), np.nan, dtype=np.float32)
+        return g.read_derived(name, checkpoints=[checkpoint], layers=[layer])[0, 0, :, :2]
 
     def cached(self, kind: str, name: str, checkpoint: str, layer: int) -> bool:
         with self._lock:
@@ -457,63 +434,3 @@ def fmt_delta(value: float | None, digits: int = 3) -> str:
         return ""
     out = f"{value:+.{digits}f}"
     return "+" + out[1:] if float(out) == 0 else out  # no "-0.000"
-
-
-# ------------------------------------------------------------------------------- patching
-_VALUE_COLUMNS = ("effect", "value", "delta", "score", "recovery")
-_PANEL_COLUMNS = ("source_kind", "target_kind", "metric", "position")
-
-
-@dataclass
-class PatchingPanel:
-    """One layer × checkpoint heatmap of the ``patching`` table (mean effect over facts)."""
-
-    title: str
-    keys: dict[str, str]
-    """The panel's source_kind / target_kind / metric / position (those present)."""
-    values: np.ndarray
-    """float [layer, column]; NaN where the sweep has no result."""
-    layers: list[int]
-    columns: list[str]
-    """checkpoint (or ``source→target`` pair) per column, in series order of the target."""
-
-
-def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[PatchingPanel]:
-    """Heatmaps from a tidy patching table. Needs a ``layer`` column, an effect column (``effect``
-    or ``value``/``delta``/``score``/``recovery``) and checkpoint columns (``source_checkpoint`` +
-    ``target_checkpoint``, ``source``+``target`` or ``checkpoint``); one panel per combination of
-    ``source_kind``/``target_kind``/``metric``/``position`` present. Empty list if not usable."""
-    if df is None or df.empty or "layer" not in df.columns:
-        return []
-    value = next((c for c in _VALUE_COLUMNS if c in df.columns), None)
-    if value is None:
-        return []
-    pairs = [("source_checkpoint", "target_checkpoint"), ("source", "target")]
-    ck_cols = next((list(p) for p in pairs if set(p) <= set(df.columns)), None)
-    if ck_cols is None:
-        ck_cols = ["checkpoint"] if "checkpoint" in df.columns else None
-    if ck_cols is None:
-        return []
-    order = {p.id: i for i, p in enumerate(points)}
-    d = df.copy()
-    if len(ck_cols) == 1:
-        d["_col"] = d[ck_cols[0]].astype(str)
-    else:  # within-checkpoint patching is labelled by its checkpoint, cross-checkpoint by the pair
-        a, b = d[ck_cols[0]].astype(str), d[ck_cols[1]].astype(str)
-        d["_col"] = np.where(a == b, a, a + "→" + b)
-    d["_ord"] = d[ck_cols[-1]].astype(str).map(lambda c: order.get(c, len(order)))
-    panel_cols = [c for c in _PANEL_COLUMNS if c in d.columns]
-    groups = d.groupby(panel_cols, dropna=False) if panel_cols else [((), d)]
-    out: list[PatchingPanel] = []
-    for key, sub in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        layers = sorted(int(v) for v in sub["layer"].unique())
-        cols = sub.drop_duplicates("_col").sort_values(["_ord", "_col"])["_col"].tolist()
-        mean = sub.groupby(["layer", "_col"])[value].mean()
-        vals = np.full((len(layers), len(cols)), np.nan)
-        for (layer, col), v in mean.items():
-            vals[layers.index(int(layer)), cols.index(col)] = float(v)
-        title = " · ".join(f"{c}={k}" for c, k in zip(panel_cols, key)) or "patching"
-        keys = {c: str(k) for c, k in zip(panel_cols, key)}
-        out.append(PatchingPanel(f"{title} ({value})", keys, vals, layers, cols))
-    return out

@@ -11,6 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
@@ -19,14 +20,44 @@ from textual.worker import get_current_worker
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 
-from .data import FactDetail, PatchingPanel, RunData, Snapshot, find_runs, fmt
+from .actions import FACT_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS, bindings, help_text
+from .data import FactDetail, RunData, Snapshot, find_runs, fmt, store_kinds
+from .views import PatchingPanel
 from .widgets import Heatmap, LinePlot, legend
 
 
-class RunPicker(Screen):
-    """A folder of runs: pick one to browse."""
+class ExportDone(Message):
+    """An export worker finished: the files written, or why nothing was (``error``, shown with
+    ``severity``)."""
 
-    BINDINGS = [Binding("enter", "open", "open run", show=True), Binding("r", "rescan", "rescan", show=True)]
+    bubble = False
+
+    def __init__(self, paths: list[Path], error: str = "", severity: str = "error") -> None:
+        self.paths, self.error, self.severity = paths, error, severity
+        super().__init__()
+
+
+def notify_export(screen: Screen, message: ExportDone) -> None:
+    """Tell the user how an export went."""
+    from .export import describe
+
+    if message.error:
+        screen.notify(message.error, severity=message.severity)  # type: ignore[arg-type]
+    else:
+        screen.notify(describe(message.paths), timeout=8)
+
+
+class RunPicker(Screen):
+    """A folder of runs: pick one to browse (the app opens it on :class:`RunPicker.Chosen`)."""
+
+    BINDINGS = bindings(PICKER_ACTIONS)
+
+    class Chosen(Message):
+        """The user picked a run; ``data`` is it, opened."""
+
+        def __init__(self, data: RunData) -> None:
+            self.data = data
+            super().__init__()
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
@@ -47,13 +78,13 @@ class RunPicker(Screen):
         t = self.query_one(DataTable)
         t.clear()
         for p in find_runs(self.folder):
+            kinds: list[str] = []
             try:
                 run = Run.open(p)
                 model, n = run.config.model.name, str(len(run.checkpoints()))
+                kinds = store_kinds(run)
             except RotelabError as err:
                 model, n = f"unreadable: {err}"[:40], "—"
-            store = p / "store.zarr"
-            kinds = sorted(d.name for d in store.iterdir() if (d / "zarr.json").is_file() and d.name != "tables") if store.is_dir() else []
             mtime = datetime.fromtimestamp(p.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
             t.add_row(p.name, model, n, ", ".join(kinds) or "—", mtime, key=str(p))
         if not t.row_count:
@@ -70,14 +101,12 @@ class RunPicker(Screen):
         self._open(str(event.row_key.value))
 
     def _open(self, path: str) -> None:
-        from .main_screen import MainScreen
-
         try:
             data = RunData.open(path)
         except RotelabError as err:
             self.notify(str(err), severity="error")
             return
-        self.app.push_screen(MainScreen(data))
+        self.post_message(self.Chosen(data))
 
 
 class FactPicker(ModalScreen[str | None]):
@@ -137,11 +166,7 @@ class FactScreen(Screen):
     """One fact: its prompts per kind, generations and metrics at the selected checkpoint, and
     object probability per kind across checkpoints."""
 
-    BINDINGS = [
-        Binding("escape,backspace", "app.pop_screen", "back", show=True),
-        Binding("left,h", "checkpoint(-1)", "◀ ckpt", show=True),
-        Binding("right,l", "checkpoint(1)", "ckpt ▶", show=True),
-    ]
+    BINDINGS = bindings(FACT_ACTIONS)
 
     def __init__(self, data: RunData, fact_id: str, point_index: int, series: str) -> None:
         super().__init__()
@@ -164,18 +189,29 @@ class FactScreen(Screen):
             t.add_column(c, key=c)
         self.load_detail()
 
+    class DetailLoaded(Message):
+        """A worker read the fact's drill-down (``detail``), or failed (``error``)."""
+
+        def __init__(self, detail: FactDetail | None, error: str = "") -> None:
+            self.detail, self.error = detail, error
+            super().__init__()
+
     @work(thread=True, exclusive=True, group="fact")
     def load_detail(self) -> None:
         try:
             detail = self.data.fact_detail(self.fact_id)
         except RotelabError as err:
-            self.app.call_from_thread(self.notify, str(err), severity="error")
+            self.post_message(self.DetailLoaded(None, str(err)))
             return
         if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self._show, detail)
+            self.post_message(self.DetailLoaded(detail))
 
-    def _show(self, detail: FactDetail) -> None:
-        self.detail = detail
+    @on(DetailLoaded)
+    def _show(self, message: DetailLoaded) -> None:
+        if message.detail is None:
+            self.notify(message.error, severity="error")
+            return
+        self.detail = message.detail
         self.paint()
 
     def action_checkpoint(self, step: int) -> None:
@@ -219,11 +255,7 @@ class FactScreen(Screen):
 class PatchingScreen(Screen):
     """The patching sweep as layer × checkpoint heatmaps (``t`` cycles the panels)."""
 
-    BINDINGS = [
-        Binding("escape,backspace", "app.pop_screen", "back", show=True),
-        Binding("t", "panel", "next panel", show=True),
-        Binding("e", "export", "export", show=True),
-    ]
+    BINDINGS = bindings(PATCHING_ACTIONS)
 
     def __init__(self, panels: list[PatchingPanel], run: Run | None = None) -> None:
         super().__init__()
@@ -257,49 +289,33 @@ class PatchingScreen(Screen):
 
     @work(thread=True, exclusive=True, group="export")
     def export_panel(self) -> None:
-        from .export import describe, export_patching
+        from .export import export_patching
 
         assert self.run is not None
         out_dir = getattr(self.app, "export_dir", None) or (self.run.figures_dir / "tui")
         try:
             paths = export_patching(self.run, self.panels[self.index].keys, out_dir)
         except Exception as err:  # a figure that fails must not take the browser down
-            self.app.call_from_thread(self.notify, f"export failed: {err}", severity="error")
+            self.post_message(ExportDone([], f"export failed: {err}"))
             return
         self.last_export = paths
-        self.app.call_from_thread(self.notify, describe(paths), timeout=8)
+        self.post_message(ExportDone(paths))
+
+    @on(ExportDone)
+    def _exported(self, message: ExportDone) -> None:
+        notify_export(self, message)
 
 
 class HelpScreen(ModalScreen[None]):
-    """All key bindings (collected from the screens, so the list is always complete)."""
+    """All key bindings (the action tables of :mod:`rotelab.tui.actions`, which also make the
+    screens' bindings, so the list is always complete)."""
 
     BINDINGS = [Binding("escape,question_mark,q", "dismiss_help", "close")]
 
     def compose(self) -> ComposeResult:
-        from .main_screen import MainScreen
-
-        lines = ["[b]rotelab browser — keys[/]", ""]
-        for title, bindings in (
-            ("main screen", MainScreen.BINDINGS),
-            ("fact drill-down", FactScreen.BINDINGS),
-            ("patching", PatchingScreen.BINDINGS),
-            ("run picker", RunPicker.BINDINGS),
-            ("everywhere", [Binding("question_mark", "", "this help"), Binding("ctrl+p", "", "command palette"), Binding("q", "", "quit")]),
-        ):
-            lines.append(f"[b]{title}[/]")
-            for b in bindings:
-                assert isinstance(b, Binding)
-                keys = ", ".join(_key_name(k) for k in b.key.split(","))
-                lines.append(f"  [b]{keys:<18}[/] {b.description}")
-            lines.append("")
-        lines.append("mouse: click the timeline, the layer bar, a point (opens its fact) or an accuracy row (shows that kind)")
-        lines.append("missing data is hatched or shown as —, never as 0; r re-reads what capture has committed since")
         with Vertical(id="help"):
-            yield Static("\n".join(lines))
+            yield Static(help_text())
 
     def action_dismiss_help(self) -> None:
         self.dismiss(None)
 
-
-def _key_name(key: str) -> str:
-    return {"question_mark": "?", "escape": "esc"}.get(key, key)

@@ -16,6 +16,7 @@ from textual.widget import Widget
 from . import canvas
 from .canvas import Rows, Run
 from .data import Point, fmt
+from .views import LayerView, TimelineView
 
 #: Colors of relations / prompt kinds (Tableau 10, the same order the export uses).
 PALETTE: tuple[str, ...] = (
@@ -119,6 +120,10 @@ class Timeline(LineWidget):
         self._styles = [Style(color=PHASE_COLORS["base"]), Style(color=PHASE_COLORS["phase1"]),
                         Style(color=PHASE_COLORS["phase2"]), Style(color="#59a14f"), Style(bold=True, reverse=True)]
 
+    def show(self, view: TimelineView) -> None:
+        """Paint the timeline view (a panel of the main screen)."""
+        self.set_points(view.points, view.selected, view.available)
+
     def set_points(self, points: list[Point], selected: int, available: list[bool]) -> None:
         self.points, self.selected, self.available = points, selected, available
         self.changed((tuple(p.id for p in points), selected, tuple(available)))
@@ -192,6 +197,10 @@ class LayerBar(LineWidget):
         self.values: np.ndarray = np.zeros(0)
         self._cell = 1
         self._styles = [Style(color="#76b7b2"), Style(bold=True, reverse=True, color="#edc948")]
+
+    def show(self, view: LayerView) -> None:
+        """Paint the layer view (a panel of the main screen)."""
+        self.set_layers(view.layers, view.selected, view.values)
 
     def set_layers(self, layers: list[int], selected: int, values: np.ndarray) -> None:
         self.layer_values, self.selected, self.values = layers, selected, values

@@ -1,4 +1,4 @@
-"""Small zarr helpers shared by the store modules (private)."""
+"""Small zarr helpers shared by the store modules: create-or-open, dims, string arrays, JSON."""
 
 from __future__ import annotations
 
@@ -12,15 +12,11 @@ import numpy as np
 import zarr
 import zarr.errors
 
-# Attribute keys this package reserves on arrays and groups.
-ROLE = "rotelab_role"  # "coord" | "item_table" | "activations" | "final_norm" | "item_array" | "derived" | "marker"
-CELL_DIMS = "rotelab_cell_dims"  # dims along which the array is chunked by 1 and committed per cell
-VALUE_KIND = "rotelab_value_kind"  # "float" | "str" for item arrays
-CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
+from .layout import CHUNK_KEY_ENCODING
 
 STR_DTYPE = np.dtypes.StringDType()
 
-_EXISTS = (
+EXISTS_ERRORS = (
     zarr.errors.ContainsArrayError,
     zarr.errors.ContainsGroupError,
     zarr.errors.ContainsArrayAndGroupError,
@@ -66,7 +62,7 @@ def create_or_open_array(
             chunk_key_encoding=CHUNK_KEY_ENCODING,  # type: ignore[arg-type]
             overwrite=False,
         )
-    except _EXISTS:
+    except EXISTS_ERRORS:
         return group[name]  # type: ignore[return-value]
 
 
