@@ -192,7 +192,7 @@ def patching_run(run: Run, store: Store, *, progress: bool = True, note: Note = 
     """The configured patching sweep (``analyses.patching_*``): for each checkpoint, the source
     kind's state at the last prompt position into the target kind, all layers, a few held-out
     items per relation. Checkpoints already in the ``patching`` table are skipped."""
-    from .patching import ModelCache, patch, sample_items
+    from .patching import ModelCache, layer_sweep, sample_items
 
     cfg = run.config.analyses
     kinds = run.kinds()
@@ -216,7 +216,7 @@ def patching_run(run: Run, store: Store, *, progress: bool = True, note: Note = 
     for c in ids:
         if c in done:
             continue
-        patch(run, (c, cfg.patching_source_kind), (c, cfg.patching_target_kind), layers=cfg.patching_layers,
+        layer_sweep(run, (c, cfg.patching_source_kind), (c, cfg.patching_target_kind), layers=cfg.patching_layers,
               metric=cfg.patching_metric, items=items, models=cache, progress=progress)
         n += 1
     return n

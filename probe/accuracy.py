@@ -37,6 +37,7 @@ import pandas as pd
 
 from rotelab.checkpoints import CheckpointEntry
 from rotelab.errors import RotelabError
+from rotelab.models import model_shape
 from rotelab.prompts import answer_options
 from rotelab.run import Run
 
@@ -146,14 +147,6 @@ def plan_run(run: Run, tokenizer, kinds: Sequence[str]) -> dict[str, KindPlan]:
         opts = answer_options(items, run.facts, kind, n_options=run.config.data.distractors + 1)
         plans[kind] = plan_kind(tokenizer, kind, list(items["text"]), list(items["object"]), opts)
     return plans
-
-
-def _num_layers(checkpoint_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(checkpoint_dir))
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
 
 
 def _missing_units(
@@ -321,7 +314,7 @@ def evaluate_run(
     todo_kinds = [k for k in kind_list if any(kk == k for _, kk in todo)]
     plans = plan_run(run, tokenizer, todo_kinds)  # validates every answer/option before any write
     stops = stop_token_ids(tokenizer)
-    n_layers = _num_layers(first)
+    n_layers = model_shape(first).n_layers
 
     store = Store.open(run.store_path, fingerprint=fingerprint)
     groups = {

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rotelab.batching import pad_id
 from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
 from rotelab.errors import RotelabError
 from rotelab.run import Run
@@ -202,7 +203,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
     n = len(stage.examples)
     spe = stage.steps_per_epoch
     step_slices = step_plan(n, stage.batch_size)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_token = pad_id(tok)
     dtype = cfg.model.dtype
     bar = tqdm(total=stage.total_steps, initial=start_step, desc=stage.name, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     seg_loss, seg_steps = 0.0, 0
@@ -222,7 +223,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
         for m in range(stage.grad_accum):
             lo, hi = micro_slices(len(step_ex), parts)[m * world + rank]
             mb = step_ex[lo:hi]
-            batch = collate(mb if mb else step_ex[:1], pad_id)
+            batch = collate(mb if mb else step_ex[:1], pad_token)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, _ = eng.step_loss(engine, batch, scale if mb else 0.0)
             engine.backward(loss)

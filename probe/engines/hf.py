@@ -21,7 +21,9 @@ import torch
 
 from rotelab.errors import RotelabError
 
-from ..accuracy_metrics import ScoreRequest
+from rotelab.batching import Collator, pad, pad_id, pad_values
+
+from ..accuracy_metrics import ScoreRequest, cut_at_stop
 
 #: Upper bound on the float32 logits one forward of continuation rows may hold (bytes).
 _LOGITS_BUDGET = 2**28
@@ -52,7 +54,7 @@ class HFEngine:
         self.model = None
         model, tok = load_model(str(checkpoint_dir), self.dtype, self.device)
         self.model = model
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+        self.pad_id = pad_id(tok)
         self.checkpoint = Path(checkpoint_dir)
 
     def _need_model(self):
@@ -64,15 +66,8 @@ class HFEngine:
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input ids, attention mask and position ids [batch, max_len] for left-padded ``seqs``."""
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-                mask[i, n - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        p = pad(seqs, self.pad_id, "left").to(self.device)
+        return p.input_ids, p.attention_mask, p.position_ids
 
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[np.ndarray]]:
@@ -80,11 +75,10 @@ class HFEngine:
         from transformers import DynamicCache
 
         model = self._need_model()
-        out: list[list[np.ndarray]] = [[] for _ in requests]
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prefix))
+        collator: Collator[list[np.ndarray]] = Collator(len(requests), self.batch_size, key=lambda i: len(requests[i].prefix))
+        per_batch: list[list[list[np.ndarray]]] = []
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        for b0 in range(0, len(order), self.batch_size):
-            chunk = order[b0 : b0 + self.batch_size]
+        for chunk in collator.batches():
             prefixes = [requests[i].prefix for i in chunk]
             if any(len(p) == 0 for p in prefixes):
                 raise RotelabError("hf engine: a scoring prefix is empty (the tokenizer adds no BOS and the prompt is empty)")
@@ -105,12 +99,8 @@ class HFEngine:
                 n0 = len(conts[rows[r0]])
                 part = [r for r in rows[r0 : r0 + cap] if len(conts[r]) == n0]
                 r0 += len(part)
-                L = max(len(conts[r]) for r in part)
-                tok = torch.full((len(part), L), self.pad_id, dtype=torch.long)
-                cmask = torch.zeros((len(part), L), dtype=torch.long)
-                for j, r in enumerate(part):
-                    tok[j, : len(conts[r])] = torch.tensor(conts[r], dtype=torch.long)
-                    cmask[j, : len(conts[r])] = 1
+                tok, cmask = pad_values([conts[r] for r in part], self.pad_id)
+                L = tok.shape[1]
                 tok, cmask = tok.to(self.device), cmask.to(self.device)
                 bidx = torch.tensor([b for b, _ in part], dtype=torch.long, device=self.device)
                 lp = torch.zeros((len(part), L), dtype=torch.float32, device=self.device)
@@ -127,9 +117,8 @@ class HFEngine:
                 lp_np = lp.cpu().numpy()
                 for j, r in enumerate(part):
                     results[r] = lp_np[j, : len(conts[r])].copy()
-            for b, i in enumerate(chunk):
-                out[i] = [results[(b, c)] for c in range(len(requests[i].continuations))]
-        return out
+            per_batch.append([[results[(b, c)] for c in range(len(requests[i].continuations))] for b, i in enumerate(chunk)])
+        return collator.restore(per_batch)
 
     # ------------------------------------------------------------------ generation
 
@@ -138,10 +127,9 @@ class HFEngine:
         """Greedy continuations (new token ids, cut after the first stop id)."""
         model = self._need_model()
         stops = set(int(s) for s in stop_ids)
-        out: list[list[int]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for b0 in range(0, len(order), self.batch_size):
-            chunk = order[b0 : b0 + self.batch_size]
+        collator: Collator[list[int]] = Collator(len(prompts), self.batch_size, key=lambda i: len(prompts[i]))
+        per_batch: list[list[list[int]]] = []
+        for chunk in collator.batches():
             ids, mask, _ = self._left_pad([prompts[i] for i in chunk])
             gen = model.generate(
                 input_ids=ids,
@@ -156,14 +144,8 @@ class HFEngine:
                 top_k=None,
             )
             new = gen[:, ids.shape[1] :].cpu().tolist()
-            for b, i in enumerate(chunk):
-                seq = []
-                for t in new[b]:
-                    seq.append(int(t))
-                    if t in stops:
-                        break
-                out[i] = seq
-        return out
+            per_batch.append([cut_at_stop(row, stops) for row in new])
+        return collator.restore(per_batch)
 
     def close(self) -> None:
         self.model = None
