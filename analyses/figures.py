@@ -36,6 +36,9 @@ from rotelab.errors import RotelabError  # noqa: E402
 from rotelab.store import MissingDataError  # noqa: E402
 
 from ._common import open_store, reference_checkpoint, stage_checkpoints  # noqa: E402
+from .figure_io import STYLE, save_figure  # noqa: E402
+from .figure_io import checkpoint_order as _order  # noqa: E402
+from .figure_io import finish as _finish  # noqa: E402
 from .metrics import METRIC_LABELS, metric_table  # noqa: E402
 
 if TYPE_CHECKING:
@@ -43,13 +46,6 @@ if TYPE_CHECKING:
 
     from rotelab.run import Run
 
-#: The one paper style (pass ``style=`` to override keys).
-STYLE: dict[str, Any] = {
-    "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 7,
-    "ytick.labelsize": 7, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-    "grid.alpha": 0.3, "grid.linewidth": 0.5, "lines.linewidth": 1.5, "lines.markersize": 3.5,
-    "savefig.dpi": 200, "savefig.bbox": "tight", "figure.dpi": 100, "pdf.fonttype": 42, "svg.fonttype": "none",
-}
 KIND_COLORS = {"key": "#1b9e77", "train": "#d95f02", "test": "#7570b3", "unrelated": "#999999", "zero": "#e7298a",
                "icl": "#66a61e", "reverse": "#a6761d", "translated-de": "#e6ab02", "translated-es": "#1f78b4",
                "translated-zh": "#b2df8a", "translated-ja": "#fb9a99"}
@@ -61,31 +57,7 @@ def _color(kind: str, i: int = 0) -> Any:
     return KIND_COLORS.get(kind, plt.get_cmap("tab10")(i % 10))
 
 
-def save_figure(fig: Figure, data: pd.DataFrame, name: str, out_dir: str | Path) -> Path:
-    """Write ``name``.png/.pdf/.svg and the data as ``name``.csv into ``out_dir``; returns the PNG path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf", "svg"):
-        fig.savefig(out / f"{name}.{ext}")
-    data.to_csv(out / f"{name}.csv", index=False)
-    return out / f"{name}.png"
-
-
-def _finish(fig: Figure, data: pd.DataFrame, name: str, run: Run | None, out_dir: str | Path | None, save: bool) -> Figure:
-    fig.set_label(name)
-    fig.rotelab_data = data  # type: ignore[attr-defined]  # the plotted data (also the CSV)
-    if save:
-        if out_dir is None and run is None:
-            raise RotelabError(f"figure {name}: give out_dir")
-        save_figure(fig, data, name, out_dir if out_dir is not None else run.figures_dir)  # type: ignore[union-attr]
-    return fig
-
-
 # --------------------------------------------------------------------------- data
-
-def _order(run: Run) -> dict[str, int]:
-    return {e.id: i for i, e in enumerate(run.checkpoints())}
-
 
 def series_checkpoints(run: Run, series: str = "main") -> list[str]:
     """The checkpoint ids of one series in order; a baseline series starts from ``base`` (it is
