@@ -51,6 +51,7 @@ from rotelab.errors import RotelabError
 from rotelab.models import ModelShape, model_shape
 from rotelab.tokenization import encode_prompt
 
+from .accuracy import Shard
 from .capture_trace import trace_last_token
 from .sites import Batch, ModelSites, Site, check_layers, encode_batches, resid
 
@@ -122,24 +123,6 @@ def capture_hidden(
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def shard_from_env() -> tuple[int, int] | None:
-    """``(RANK, WORLD_SIZE)`` when a launcher (torchrun, deepspeed) set them for several processes."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return None
-    return (rank, world) if world > 1 else None
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 ≤ i < n`` (the same rule as ``rotelab eval --shard``)."""
-    from .accuracy import Shard
-
-    shard = Shard.parse(text)
-    return shard.index, shard.count
 
 
 def _device(spec: str) -> str:
@@ -274,14 +257,14 @@ def capture_run(
     kinds: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     items: Sequence[int] | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | tuple[int, int] | None = None,
     progress: bool = True,
 ) -> None:
     """Capture hidden states of ``run`` into ``run.store_path`` (see the module docstring).
 
     ``checkpoints`` (ids), ``kinds``, ``layers`` default to the config's ``capture`` section, then
     to everything. ``items``: item ids to capture in each kind (ids a kind lacks are skipped);
-    default all. ``shard=(i, n)``: take only the selected checkpoints whose position ``% n == i``
+    default all. ``shard`` (a :class:`rotelab.probe.accuracy.Shard`, the type eval uses, or ``(i, n)``): take only the selected checkpoints whose position ``% n == i``
     (default: ``RANK``/``WORLD_SIZE`` from a launcher's environment). Committed slabs are skipped;
     everything else is (re)written, one ``(checkpoint, layer)`` slab at a time.
     """
@@ -298,13 +281,9 @@ def capture_run(
         selected = [e for e in entries if e.id in wanted]
     else:
         selected = list(entries)
-    if shard is None:
-        shard = shard_from_env()
+    shard = Shard.of(shard) if shard is not None else Shard.from_env()
     if shard is not None:
-        i, n = shard
-        if n < 1 or not 0 <= i < n:
-            raise RotelabError(f"shard {i}/{n}: need 0 ≤ i < n")
-        selected = [e for k, e in enumerate(selected) if k % n == i]
+        selected = [e for k, e in enumerate(selected) if k % shard.count == shard.index]
 
     kind_names = list(dict.fromkeys(kinds if kinds is not None else (cfg.kinds or run.kinds())))
     if not kind_names:
@@ -352,7 +331,7 @@ def capture_run(
     todo_bytes = sum(len(by_kind[k].positions) * len(t.layers[k]) * hidden * 2 for t in todos for k in t.kinds())
     if progress:
         print(
-            f"capture{f' [shard {shard[0]}/{shard[1]}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
+            f"capture{f' [shard {shard.index}/{shard.count}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
             f" × {hidden} hidden × 2 bytes ≈ {_human(total)} of activations; {_human(todo_bytes)} still to write"
             f" ({len(todos)} checkpoints) in {store.path}",
             file=sys.stderr,

@@ -118,7 +118,8 @@ def capture(
     no_progress: NoProgress = False,
 ) -> None:
     """Capture the last prompt token's hidden state at every layer into the run's store (resumable)."""
-    from rotelab.probe.capture import capture_run, parse_shard
+    from rotelab.probe.accuracy import Shard
+    from rotelab.probe.capture import capture_run
     from rotelab.run import Run
 
     r = Run.from_target(target, run)
@@ -128,7 +129,7 @@ def capture(
         kinds=_csv(kinds),
         layers=_int_list(layers, "--layers"),
         items=_int_list(items, "--items"),
-        shard=parse_shard(shard) if shard else None,
+        shard=Shard.parse(shard) if shard else None,
         progress=not no_progress,
     )
 
