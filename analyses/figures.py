@@ -4,6 +4,8 @@ Every function returns the matplotlib ``Figure`` (restyle it, or pass ``style=``
 unless ``save=False``, writes ``<name>.png``, ``.pdf``, ``.svg`` and the plotted data as
 ``<name>.csv`` into ``out_dir`` (default ``run.figures_dir``). Matplotlib runs headless (Agg).
 :func:`figures_run` renders every figure whose data exist and notes the ones it skips.
+(Over 400 lines on purpose: one short function per paper figure, indexed by the table below; the
+shared plumbing is in :mod:`.figure_io`, the where-analyses' figures in :mod:`.figures_where`.)
 
 | function | paper | data |
 |---|---|---|
