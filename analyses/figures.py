@@ -390,7 +390,7 @@ def plot_patching_heatmap(run: Run, source_kind: str = "key", target_kind: str =
     st = open_store(run, "r")
     t = st.read_table("patching")
     if t is None or t.empty:
-        raise RotelabError(f"{run.store_path}: no patching table (rotelab.analyses.patch or analyses.patching: true)")
+        raise RotelabError(f"{run.store_path}: no patching table (rotelab.analyses.patch or analyses.patching.enabled: true)")
     t = t[(t["source_kind"] == source_kind) & (t["target_kind"] == target_kind) & (t["position"] == position)
           & (t["source_checkpoint"] == t["target_checkpoint"])]
     if metric is not None:
@@ -452,8 +452,8 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
     langs = tuple(k for k in kinds if k.startswith("translated-"))
     if langs:
         jobs.append(("alignment_languages", lambda: plot_alignment(run, ("test", *langs), name="alignment_languages")))
-    cfg = run.config.analyses
-    jobs.append(("patching", lambda: plot_patching_heatmap(run, cfg.patching_source_kind, cfg.patching_target_kind)))
+    cfg = run.config.analyses.patching
+    jobs.append(("patching", lambda: plot_patching_heatmap(run, cfg.source_kind, cfg.target_kind)))
     from .figures_where import where_jobs  # logit lens, probes, CKA, onset (issue 16)
 
     jobs.extend(where_jobs(run))

@@ -24,6 +24,7 @@ import torch
 
 from rotelab.batching import pad_id
 from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
+from rotelab.config import TrainingStageConfig
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 from rotelab.train import engine as eng
@@ -55,6 +56,16 @@ class Stage:
     tokens_before: int = 0
     """Training tokens of the start point (its ``total_tokens``): this stage's points record
     ``total_tokens = tokens_before + tokens_seen``."""
+
+    @classmethod
+    def of(
+        cls, name: str, prefix: str, series: str, examples: list[Example], schedule: TrainingStageConfig, start_dir: Path, **kw
+    ) -> "Stage":
+        """A stage whose optimisation settings are a config section's schedule (``phase1``,
+        ``phase2``, ``inject``; the baselines use phase 2's)."""
+        return cls(name, prefix, series, examples, epochs=schedule.epochs, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                   batch_size=schedule.batch_size, grad_accum=schedule.grad_accum, save_every=schedule.save_every,
+                   start_dir=start_dir, **kw)
 
     @property
     def steps_per_epoch(self) -> int:
