@@ -48,7 +48,7 @@ import torch
 
 from rotelab.batching import Collator, Padded, pad, pad_id
 from rotelab.errors import RotelabError
-from rotelab.probe.sites import ModelSites, Site, parse_site
+from rotelab.probe.sites import ModelSites, Site
 from rotelab.tokenization import Encoded, encode
 
 if TYPE_CHECKING:
