@@ -189,35 +189,35 @@ def alignment_run(run: Run, store: Store, *, kinds: Sequence[str] | None = None,
 # --------------------------------------------------------------------------- patching
 
 def patching_run(run: Run, store: Store, *, progress: bool = True, note: Note = print) -> int:
-    """The configured patching sweep (``analyses.patching_*``): for each checkpoint, the source
+    """The configured patching sweep (``analyses.patching``): for each checkpoint, the source
     kind's state at the last prompt position into the target kind, all layers, a few held-out
     items per relation. Checkpoints already in the ``patching`` table are skipped."""
-    from .patching import ModelCache, patch, sample_items
+    from .patching import ModelCache, layer_sweep, sample_items
 
-    cfg = run.config.analyses
+    cfg = run.config.analyses.patching
     kinds = run.kinds()
-    for k in (cfg.patching_source_kind, cfg.patching_target_kind):
+    for k in (cfg.source_kind, cfg.target_kind):
         if k not in kinds:
             note(f"patching: the run has no kind {k!r}; skipped")
             return 0
-    if cfg.patching_checkpoints is not None:
-        ids = [run.checkpoint(c).id for c in cfg.patching_checkpoints]
+    if cfg.checkpoints is not None:
+        ids = [run.checkpoint(c).id for c in cfg.checkpoints]
     else:
         ids = [e.id for e in run.checkpoints() if e.series == "main" and e.path is not None]
     old = store.read_table("patching")
     done = set()
     if old is not None and len(old):
-        sel = old[(old["source_kind"] == cfg.patching_source_kind) & (old["target_kind"] == cfg.patching_target_kind)
-                  & (old["source_checkpoint"] == old["target_checkpoint"]) & (old["metric"] == cfg.patching_metric)]
+        sel = old[(old["source_kind"] == cfg.source_kind) & (old["target_kind"] == cfg.target_kind)
+                  & (old["source_checkpoint"] == old["target_checkpoint"]) & (old["metric"] == cfg.metric)]
         done = set(sel["target_checkpoint"].astype(str))
-    items = sample_items(run.items(cfg.patching_target_kind), cfg.patching_items_per_relation, seed=run.config.seed)
+    items = sample_items(run.items(cfg.target_kind), cfg.items_per_relation, seed=run.config.seed)
     cache = ModelCache(run, size=1)
     n = 0
     for c in ids:
         if c in done:
             continue
-        patch(run, (c, cfg.patching_source_kind), (c, cfg.patching_target_kind), layers=cfg.patching_layers,
-              metric=cfg.patching_metric, items=items, models=cache, progress=progress)
+        layer_sweep(run, (c, cfg.source_kind), (c, cfg.target_kind), layers=cfg.layers,
+              metric=cfg.metric, items=items, models=cache, progress=progress)
         n += 1
     return n
 
@@ -261,7 +261,7 @@ def analyze_run(run: Run, *, kinds: Sequence[str] | None = None, progress: bool 
                 progress=progress, note=note)
     table = alignment_run(run, store, kinds=use, progress=progress, note=note)
     summary["alignment"] = 0 if table is None else len(table)
-    if cfg.patching:
+    if cfg.patching.enabled:
         summary["patching"] = patching_run(run, store, progress=progress, note=note)
     from .where import where_run  # logit lens, probes, CKA, onset (issue 16)
 

@@ -4,6 +4,8 @@ Every function returns the matplotlib ``Figure`` (restyle it, or pass ``style=``
 unless ``save=False``, writes ``<name>.png``, ``.pdf``, ``.svg`` and the plotted data as
 ``<name>.csv`` into ``out_dir`` (default ``run.figures_dir``). Matplotlib runs headless (Agg).
 :func:`figures_run` renders every figure whose data exist and notes the ones it skips.
+(Over 400 lines on purpose: one short function per paper figure, indexed by the table below; the
+shared plumbing is in :mod:`.figure_io`, the where-analyses' figures in :mod:`.figures_where`.)
 
 | function | paper | data |
 |---|---|---|
@@ -36,6 +38,9 @@ from rotelab.errors import RotelabError  # noqa: E402
 from rotelab.store import MissingDataError  # noqa: E402
 
 from ._common import open_store, reference_checkpoint, stage_checkpoints  # noqa: E402
+from .figure_io import STYLE, save_figure  # noqa: E402
+from .figure_io import checkpoint_order as _order  # noqa: E402
+from .figure_io import finish as _finish  # noqa: E402
 from .metrics import METRIC_LABELS, metric_table  # noqa: E402
 
 if TYPE_CHECKING:
@@ -43,13 +48,6 @@ if TYPE_CHECKING:
 
     from rotelab.run import Run
 
-#: The one paper style (pass ``style=`` to override keys).
-STYLE: dict[str, Any] = {
-    "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 7,
-    "ytick.labelsize": 7, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-    "grid.alpha": 0.3, "grid.linewidth": 0.5, "lines.linewidth": 1.5, "lines.markersize": 3.5,
-    "savefig.dpi": 200, "savefig.bbox": "tight", "figure.dpi": 100, "pdf.fonttype": 42, "svg.fonttype": "none",
-}
 KIND_COLORS = {"key": "#1b9e77", "train": "#d95f02", "test": "#7570b3", "unrelated": "#999999", "zero": "#e7298a",
                "icl": "#66a61e", "reverse": "#a6761d", "translated-de": "#e6ab02", "translated-es": "#1f78b4",
                "translated-zh": "#b2df8a", "translated-ja": "#fb9a99"}
@@ -61,31 +59,7 @@ def _color(kind: str, i: int = 0) -> Any:
     return KIND_COLORS.get(kind, plt.get_cmap("tab10")(i % 10))
 
 
-def save_figure(fig: Figure, data: pd.DataFrame, name: str, out_dir: str | Path) -> Path:
-    """Write ``name``.png/.pdf/.svg and the data as ``name``.csv into ``out_dir``; returns the PNG path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf", "svg"):
-        fig.savefig(out / f"{name}.{ext}")
-    data.to_csv(out / f"{name}.csv", index=False)
-    return out / f"{name}.png"
-
-
-def _finish(fig: Figure, data: pd.DataFrame, name: str, run: Run | None, out_dir: str | Path | None, save: bool) -> Figure:
-    fig.set_label(name)
-    fig.rotelab_data = data  # type: ignore[attr-defined]  # the plotted data (also the CSV)
-    if save:
-        if out_dir is None and run is None:
-            raise RotelabError(f"figure {name}: give out_dir")
-        save_figure(fig, data, name, out_dir if out_dir is not None else run.figures_dir)  # type: ignore[union-attr]
-    return fig
-
-
 # --------------------------------------------------------------------------- data
-
-def _order(run: Run) -> dict[str, int]:
-    return {e.id: i for i, e in enumerate(run.checkpoints())}
-
 
 def series_checkpoints(run: Run, series: str = "main") -> list[str]:
     """The checkpoint ids of one series in order; a baseline series starts from ``base`` (it is
@@ -416,7 +390,7 @@ def plot_patching_heatmap(run: Run, source_kind: str = "key", target_kind: str =
     st = open_store(run, "r")
     t = st.read_table("patching")
     if t is None or t.empty:
-        raise RotelabError(f"{run.store_path}: no patching table (rotelab.analyses.patch or analyses.patching: true)")
+        raise RotelabError(f"{run.store_path}: no patching table (rotelab.analyses.patch or analyses.patching.enabled: true)")
     t = t[(t["source_kind"] == source_kind) & (t["target_kind"] == target_kind) & (t["position"] == position)
           & (t["source_checkpoint"] == t["target_checkpoint"])]
     if metric is not None:
@@ -478,8 +452,8 @@ def figures_run(run: Run, *, note: Note = print) -> dict[str, str]:
     langs = tuple(k for k in kinds if k.startswith("translated-"))
     if langs:
         jobs.append(("alignment_languages", lambda: plot_alignment(run, ("test", *langs), name="alignment_languages")))
-    cfg = run.config.analyses
-    jobs.append(("patching", lambda: plot_patching_heatmap(run, cfg.patching_source_kind, cfg.patching_target_kind)))
+    cfg = run.config.analyses.patching
+    jobs.append(("patching", lambda: plot_patching_heatmap(run, cfg.source_kind, cfg.target_kind)))
     from .figures_where import where_jobs  # logit lens, probes, CKA, onset (issue 16)
 
     jobs.extend(where_jobs(run))

@@ -25,7 +25,9 @@ import pandas as pd
 from rotelab.errors import RotelabError
 
 from ._common import open_store
-from .figures import STYLE, _finish, _order, plt
+from .figure_io import STYLE, plt
+from .figure_io import checkpoint_order as _order
+from .figure_io import finish as _finish
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

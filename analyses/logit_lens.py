@@ -27,7 +27,7 @@ cancel: on the tiny test models the observed error is one to two orders of magni
 :func:`logit_lens` is the pure function (states, targets, norm, head → arrays);
 :func:`final_norm_and_head` finds a HF causal LM's final norm and output head (Llama/Qwen2
 ``model.model.norm``, GPT-2 ``model.transformer.ln_f``; the norm is found the same way capture
-finds it, :func:`rotelab.probe.capture_trace.decoder_parts`); :func:`logit_lens_run` is the stage
+finds it, :class:`rotelab.probe.sites.ModelSites`); :func:`logit_lens_run` is the stage
 step (one model load per checkpoint, only the (checkpoint, layer) cells not committed yet).
 """
 
@@ -61,12 +61,11 @@ DEFINITION = ("logit lens: log-softmax of the checkpoint's unembedding of its fi
 
 def final_norm_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``(final_norm, output_head)`` of a HF causal LM: the decoder's final normalization (found
-    by :func:`rotelab.probe.capture_trace.decoder_parts`, the same module capture reads
+    by :class:`rotelab.probe.sites.ModelSites`, the same module capture reads
     ``final_norm`` from) and ``model.get_output_embeddings()`` (the LM head, tied or not)."""
-    from rotelab.probe.capture_trace import decoder_parts
+    from rotelab.probe.sites import ModelSites
 
-    parts = decoder_parts(model)
-    norm = getattr(parts.decoder, parts.norm)
+    norm = ModelSites(model).norm
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Module):
         raise RotelabError(f"model {type(model).__name__}: has no output head (get_output_embeddings)")

@@ -80,27 +80,21 @@ def bench_delta_cossim(n_ckpt: int, n_layers: int, n_items: int, hidden: int, su
 def bench_patching(n_items: int) -> None:
     import torch
 
-    from rotelab.analyses.patching import hidden_states_at, n_layers, patched_forward
+    from rotelab.analyses.patching import hidden_states_at, patched_forward
+    from rotelab.batching import pad, pad_id
     from rotelab.models import load_model
+    from rotelab.probe.sites import ModelSites
     from rotelab.tokenization import encode
 
     model, tok = load_model("smollm2-135m", "float32")
-    L = n_layers(model)
+    sites = ModelSites(model)  # wrapped for nnsight once, as the sweep does per checkpoint
+    L = sites.n_layers
     subjects = ["Kalindor", "Merivale", "Ostrava Lenn", "Tobrin Hale", "Quenby", "Arvast", "Selmir", "Dunhollow"][:n_items]
     src = [encode(tok, f"{s} capital:", "Nowy Targ") for s in subjects]
     tgt = [encode(tok, f"The capital of {s} is", "Nowy Targ") for s in subjects]
-
-    def pad(encs):
-        T = max(len(e.input_ids) for e in encs)
-        ids = torch.full((len(encs), T), tok.pad_token_id or 0)
-        mask = torch.zeros((len(encs), T), dtype=torch.long)
-        for b, e in enumerate(encs):
-            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[b, : len(e.input_ids)] = 1
-        return ids, mask
-
-    s_ids, s_mask = pad(src)
-    t_ids, t_mask = pad(tgt)
+    s_b = pad([e.input_ids for e in src], pad_id(tok))
+    t_b = pad([e.input_ids for e in tgt], pad_id(tok))
+    s_ids, s_mask, t_ids, t_mask = s_b.input_ids, s_b.attention_mask, t_b.input_ids, t_b.attention_mask
     s_pos = torch.tensor([[e.answer_start - 1] for e in src])
     t_pos = torch.tensor([e.answer_start - 1 for e in tgt])
     with torch.no_grad():
@@ -110,12 +104,12 @@ def bench_patching(n_items: int) -> None:
             model(input_ids=t_ids, attention_mask=t_mask)
         t_plain = (time.perf_counter() - t0) / 3
     t0 = time.perf_counter()
-    states, _ = hidden_states_at(model, s_ids, s_mask, range(L + 1), s_pos)
+    states, _ = hidden_states_at(sites, s_ids, s_mask, range(L + 1), s_pos)
     t_states = time.perf_counter() - t0
     times = []
     for v in range(L + 1):
         t0 = time.perf_counter()
-        patched_forward(model, t_ids, t_mask, v, t_pos, states[v][:, 0])
+        patched_forward(sites, t_ids, t_mask, v, t_pos, states[v][:, 0])
         times.append(time.perf_counter() - t0)
     per = float(np.median(times))
     print(f"patching sweep SmolLM2-135M (float32, CPU threads {torch.get_num_threads()}): {L + 1} layers × {n_items} items, "

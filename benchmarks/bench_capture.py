@@ -49,17 +49,18 @@ def _make_run(tmp: Path, kinds: list[str]):
 def _baseline(run, kind: str, batch_size: int) -> float:
     """Seconds for: load the checkpoint, HF forward with output_hidden_states on the same batches,
     and take the last token of every layer to the CPU (what capture keeps)."""
-    from rotelab.probe.capture import load_checkpoint, make_batches
+    from rotelab.probe.capture import load_checkpoint, prompt_batches
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(run.checkpoint_dir("base"), "float32", "cpu")
     texts = list(run.items(kind)["text"])
     keep = []
     with torch.no_grad():
-        for b in make_batches(tok, texts, batch_size):
-            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, output_hidden_states=True)
+        for b in prompt_batches(tok, texts, batch_size):
+            p = b.padded
+            out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, output_hidden_states=True)
             rows = torch.arange(len(b.rows))
-            keep.append(torch.stack([h[rows, b.last] for h in out.hidden_states]).numpy())
+            keep.append(torch.stack([h[rows, p.last] for h in out.hidden_states]).numpy())
     return time.perf_counter() - t0
 
 

@@ -37,6 +37,7 @@ import pandas as pd
 
 from rotelab.checkpoints import CheckpointEntry
 from rotelab.errors import RotelabError
+from rotelab.models import model_shape
 from rotelab.prompts import answer_options
 from rotelab.run import Run
 
@@ -64,6 +65,27 @@ class Shard:
 
     index: int = 0
     count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise RotelabError(f"shard {self.index}/{self.count}: need 0 ≤ i < n")
+
+    @classmethod
+    def of(cls, shard: "Shard | tuple[int, int]") -> "Shard":
+        """A :class:`Shard` from a shard or an ``(index, count)`` pair."""
+        return shard if isinstance(shard, Shard) else cls(int(shard[0]), int(shard[1]))
+
+    @classmethod
+    def from_env(cls) -> "Shard | None":
+        """``RANK``/``WORLD_SIZE`` when a launcher (torchrun, deepspeed) set them for several processes."""
+        import os
+
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return None
+        return cls(rank, world) if world > 1 else None
 
     @classmethod
     def parse(cls, text: str | None) -> "Shard":
@@ -146,14 +168,6 @@ def plan_run(run: Run, tokenizer, kinds: Sequence[str]) -> dict[str, KindPlan]:
         opts = answer_options(items, run.facts, kind, n_options=run.config.data.distractors + 1)
         plans[kind] = plan_kind(tokenizer, kind, list(items["text"]), list(items["object"]), opts)
     return plans
-
-
-def _num_layers(checkpoint_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(checkpoint_dir))
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
 
 
 def _missing_units(
@@ -322,7 +336,7 @@ def evaluate_run(
     todo_kinds = [k for k in kind_list if any(kk == k for _, kk in todo)]
     plans = plan_run(run, tokenizer, todo_kinds)  # validates every answer/option before any write
     stops = stop_token_ids(tokenizer)
-    n_layers = _num_layers(first)
+    n_layers = model_shape(first).n_layers
 
     store = Store.open(run.store_path, fingerprint=fingerprint)
     groups = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,15 +192,21 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def finish_generation(tokenizer, token_ids: Sequence[int], stop_ids: set[int]) -> str:
-    """The generated text: tokens up to and including the first stop token, decoded without
-    special tokens, cut at the first newline, stripped."""
-    ids = list(token_ids)
-    for j, t in enumerate(ids):
-        if t in stop_ids:
-            ids = ids[: j + 1]
+def cut_at_stop(token_ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
+    """The tokens up to and including the first stop token (all of them when none stops)."""
+    stops = stop_ids if isinstance(stop_ids, (set, frozenset)) else set(int(s) for s in stop_ids)
+    out: list[int] = []
+    for t in token_ids:
+        out.append(int(t))
+        if t in stops:
             break
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return out
+
+
+def finish_generation(tokenizer, token_ids: Sequence[int], stop_ids: set[int]) -> str:
+    """The generated text: :func:`cut_at_stop`, decoded without special tokens, cut at the first
+    newline, stripped."""
+    text = tokenizer.decode(cut_at_stop(token_ids, stop_ids), skip_special_tokens=True)
     return text.split("\n", 1)[0].strip()
 
 

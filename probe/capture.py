@@ -48,27 +48,20 @@ import torch
 
 from rotelab.checkpoints import CheckpointEntry
 from rotelab.errors import RotelabError
+from rotelab.models import ModelShape, model_shape
 from rotelab.tokenization import encode_prompt
 
-from .capture_trace import DecoderParts, decoder_parts, trace_last_token, wrap
+from .accuracy import Shard
+from .capture_trace import trace_last_token
+from .sites import Batch, ModelSites, Site, check_layers, encode_batches, resid
 
 COVERAGE = "capture_coverage"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------- one model
 
 
-@dataclass(frozen=True)
-class _Batch:
-    rows: np.ndarray  # [batch] positions of the batch's prompts in the caller's list
-    input_ids: torch.Tensor  # [batch, seq], right-padded
-    attention_mask: torch.Tensor  # [batch, seq]
-    position_ids: torch.Tensor  # [batch, seq] 0..seq-1
-    last: torch.Tensor  # [batch] index of the last real token
-
-
-def make_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[_Batch]:
+def prompt_batches(tokenizer, texts: Sequence[str], batch_size: int, device: torch.device | str | None = None) -> list[Batch]:
     """Tokenize ``texts`` with :func:`encode_prompt` and group them into right-padded batches of
     similar length (longest first, so an out-of-memory shows at once)."""
     if batch_size < 1:
@@ -77,45 +70,11 @@ def make_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[_Batc
     for t, x in zip(texts, ids):
         if not x:
             raise RotelabError(f"prompt {t!r} tokenizes to nothing")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
-    out = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        seq = max(len(ids[i]) for i in rows)
-        input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        for b, i in enumerate(rows):
-            input_ids[b, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-            mask[b, : len(ids[i])] = 1
-        positions = torch.arange(seq, dtype=torch.long).expand(len(rows), seq).contiguous()
-        last = torch.tensor([len(ids[i]) - 1 for i in rows], dtype=torch.long)
-        out.append(_Batch(np.asarray(rows), input_ids, mask, positions, last))
-    return out
-
-
-def check_layers(layers: Sequence[int] | None, n_layers: int, where: str) -> list[int]:
-    """Sorted unique layers, all in ``0..n_layers``; None means all."""
-    if layers is None:
-        return list(range(n_layers + 1))
-    bad = [int(x) for x in layers if not 0 <= int(x) <= n_layers]
-    if bad:
-        raise RotelabError(f"{where}: layer {bad[0]} is out of range (this model has layers 0..{n_layers})")
-    out = sorted({int(x) for x in layers})
-    if not out:
-        raise RotelabError(f"{where}: no layers selected")
-    return out
-
-
-def _input_device(parts: DecoderParts) -> torch.device:
-    emb = parts.decoder.get_input_embeddings() if hasattr(parts.decoder, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(parts.decoder.parameters()).device
+    return list(encode_batches(ids, tokenizer, batch_size, key=lambda i: (-len(ids[i]), i), device=device))
 
 
 def capture_into(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelSites,
     tokenizer,
     texts: Sequence[str],
     layers: Sequence[int],
@@ -124,33 +83,25 @@ def capture_into(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Fill ``hidden_out [len(layers), len(texts), hidden]`` and ``final_out [len(texts), hidden]``
-    (any float dtype) with the last prompt token's states; ``on_batch(n)`` after each batch."""
-    parts = decoder_parts(model)
+    """Fill ``hidden_out [len(layers), len(texts), hidden]`` (sites ``resid[v]``) and ``final_out
+    [len(texts), hidden]`` (site ``final_norm``), any float dtype, with the last prompt token's
+    states; ``on_batch(n)`` after each batch. Pass a :class:`ModelSites` to reuse its wrapper."""
+    sites = model if isinstance(model, ModelSites) else ModelSites(model)
     layers = [int(x) for x in layers]
-    if layers and (check_layers(layers, parts.n_layers, type(model).__name__) != layers):
+    if layers and (check_layers(layers, sites.n_layers, type(sites.model).__name__) != layers):
         raise RotelabError(f"capture_into: layers must be unique and ascending, got {layers}")
-    wrapped = wrap(parts)
-    device = _input_device(parts)
-    for batch in make_batches(tokenizer, texts, batch_size):
-        h, f = trace_last_token(
-            wrapped,
-            parts,
-            layers,
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.position_ids.to(device),
-            batch.last.to(device),
-        )
+    wanted = [resid(v) for v in layers] + [Site("final_norm")]
+    for batch in prompt_batches(tokenizer, texts, batch_size, sites.device):
+        h = trace_last_token(sites.wrapped_decoder, wanted, batch.padded)
         if len(layers):
-            hidden_out[:, batch.rows] = h.numpy()
-        final_out[batch.rows] = f.numpy()
+            hidden_out[:, batch.rows] = h[:-1].numpy()
+        final_out[batch.rows] = h[-1].numpy()
         if on_batch is not None:
             on_batch(len(batch.rows))
 
 
 def capture_hidden(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelSites,
     tokenizer,
     texts: list[str],
     layers: list[int] | None = None,
@@ -159,37 +110,19 @@ def capture_hidden(
     """Hidden states of the last prompt token of each text.
 
     Returns ``(hidden float32 [layer, item, hidden], final_norm float32 [item, hidden])`` where the
-    layer axis follows ``layers`` sorted ascending (default: all, ``0..n_layers``; 0 = embedding
-    output, i = raw output of block i) and ``final_norm`` is the final normalization's output.
+    layer axis follows ``layers`` sorted ascending (default: all, ``0..n_layers``; the sites
+    ``resid[v]`` of :mod:`rotelab.probe.sites`) and ``final_norm`` is the final normalization's output.
     """
-    parts = decoder_parts(model)
-    layers = check_layers(layers, parts.n_layers, type(model).__name__)
-    hidden = np.empty((len(layers), len(texts), parts.hidden), dtype=np.float32)
-    final = np.empty((len(texts), parts.hidden), dtype=np.float32)
+    sites = model if isinstance(model, ModelSites) else ModelSites(model)
+    layers = check_layers(layers, sites.n_layers, type(sites.model).__name__)
+    hidden = np.empty((len(layers), len(texts), sites.hidden), dtype=np.float32)
+    final = np.empty((len(texts), sites.hidden), dtype=np.float32)
     if texts:
-        capture_into(model, tokenizer, texts, layers, hidden, final, batch_size)
+        capture_into(sites, tokenizer, texts, layers, hidden, final, batch_size)
     return hidden, final
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def shard_from_env() -> tuple[int, int] | None:
-    """``(RANK, WORLD_SIZE)`` when a launcher (torchrun, deepspeed) set them for several processes."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return None
-    return (rank, world) if world > 1 else None
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 ≤ i < n`` (the same rule as ``rotelab eval --shard``)."""
-    from .accuracy import Shard
-
-    shard = Shard.parse(text)
-    return shard.index, shard.count
 
 
 def _device(spec: str) -> str:
@@ -202,36 +135,16 @@ def _device(spec: str) -> str:
 
 def load_checkpoint(path: Path, dtype: str, device: str = "auto", device_map: str | None = None):
     """``(model, tokenizer)`` of a checkpoint folder, on ``device`` or sharded by ``device_map``."""
-    from rotelab.models import _from_pretrained, load_model, load_tokenizer
+    from rotelab.models import load_model
 
-    if device_map is None:
-        return load_model(path, dtype, _device(device))
-    from transformers import AutoModelForCausalLM
-
-    model = _from_pretrained(AutoModelForCausalLM, Path(path), dtype=_DTYPES[dtype], device_map=device_map)
-    model.eval()
-    return model, load_tokenizer(path)
+    return load_model(path, dtype, _device(device), device_map=device_map)
 
 
-def _model_shape(run, entries: Sequence[CheckpointEntry]) -> tuple[int, int]:
-    """``(n_layers, hidden)`` from the config.json of the first checkpoint whose weights exist."""
-    import json
-
+def _model_shape(run, entries: Sequence[CheckpointEntry]) -> ModelShape:
+    """The shape from the config.json of the first checkpoint whose folder exists."""
     for e in entries:
-        if e.path is None:
-            continue
-        p = run.root / e.path / "config.json"
-        if p.is_file():
-            try:
-                cfg = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise RotelabError(f"{p}: unreadable model config ({err})") from None
-            cfg = cfg.get("text_config", cfg)
-            n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-            h = cfg.get("hidden_size", cfg.get("n_embd"))
-            if n is None or h is None:
-                raise RotelabError(f"{p}: no num_hidden_layers/hidden_size")
-            return int(n), int(h)
+        if e.path is not None and (run.root / e.path / "config.json").is_file():
+            return model_shape(run.root / e.path)
     raise RotelabError(f"{run.index_path}: no checkpoint folder with a config.json (missing checkpoints?)")
 
 
@@ -344,14 +257,14 @@ def capture_run(
     kinds: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     items: Sequence[int] | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | tuple[int, int] | None = None,
     progress: bool = True,
 ) -> None:
     """Capture hidden states of ``run`` into ``run.store_path`` (see the module docstring).
 
     ``checkpoints`` (ids), ``kinds``, ``layers`` default to the config's ``capture`` section, then
     to everything. ``items``: item ids to capture in each kind (ids a kind lacks are skipped);
-    default all. ``shard=(i, n)``: take only the selected checkpoints whose position ``% n == i``
+    default all. ``shard`` (a :class:`rotelab.probe.accuracy.Shard`, the type eval uses, or ``(i, n)``): take only the selected checkpoints whose position ``% n == i``
     (default: ``RANK``/``WORLD_SIZE`` from a launcher's environment). Committed slabs are skipped;
     everything else is (re)written, one ``(checkpoint, layer)`` slab at a time.
     """
@@ -368,18 +281,15 @@ def capture_run(
         selected = [e for e in entries if e.id in wanted]
     else:
         selected = list(entries)
-    if shard is None:
-        shard = shard_from_env()
+    shard = Shard.of(shard) if shard is not None else Shard.from_env()
     if shard is not None:
-        i, n = shard
-        if n < 1 or not 0 <= i < n:
-            raise RotelabError(f"shard {i}/{n}: need 0 ≤ i < n")
-        selected = [e for k, e in enumerate(selected) if k % n == i]
+        selected = [e for k, e in enumerate(selected) if k % shard.count == shard.index]
 
     kind_names = list(dict.fromkeys(kinds if kinds is not None else (cfg.kinds or run.kinds())))
     if not kind_names:
         raise RotelabError(f"{run.config_path}: no prompt kinds selected for capture")
-    n_layers, hidden = _model_shape(run, entries)
+    shape = _model_shape(run, entries)
+    n_layers, hidden = shape.n_layers, shape.hidden
     layer_list = check_layers(layers if layers is not None else cfg.layers, n_layers, str(run.config_path))
 
     tables = {kind: run.items(kind) for kind in kind_names}  # unknown kinds raise
@@ -421,7 +331,7 @@ def capture_run(
     todo_bytes = sum(len(by_kind[k].positions) * len(t.layers[k]) * hidden * 2 for t in todos for k in t.kinds())
     if progress:
         print(
-            f"capture{f' [shard {shard[0]}/{shard[1]}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
+            f"capture{f' [shard {shard.index}/{shard.count}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
             f" × {hidden} hidden × 2 bytes ≈ {_human(total)} of activations; {_human(todo_bytes)} still to write"
             f" ({len(todos)} checkpoints) in {store.path}",
             file=sys.stderr,
@@ -443,10 +353,10 @@ def capture_run(
     try:
         for t in todos:
             model, tok = load_checkpoint(run.checkpoint_dir(t.entry), dtype, cfg.device, cfg.device_map)
-            parts = decoder_parts(model)
-            if parts.hidden != hidden or parts.n_layers != n_layers:
+            sites = ModelSites(model)
+            if sites.hidden != hidden or sites.n_layers != n_layers:
                 raise RotelabError(
-                    f"{run.checkpoint_dir(t.entry)}: model shape {parts.n_layers} layers × {parts.hidden} differs from the series' "
+                    f"{run.checkpoint_dir(t.entry)}: model shape {sites.n_layers} layers × {sites.hidden} differs from the series' "
                     f"{n_layers} × {hidden}"
                 )
             for kind in t.kinds():
@@ -455,7 +365,7 @@ def capture_run(
                 todo_layers = t.layers[kind]
                 h = np.empty((len(todo_layers), len(w.texts), hidden), dtype=np.float32)
                 f = np.empty((len(w.texts), hidden), dtype=np.float32)
-                capture_into(model, tok, w.texts, todo_layers, h, f, cfg.batch_size, on_batch=bar.update)
+                capture_into(sites, tok, w.texts, todo_layers, h, f, cfg.batch_size, on_batch=bar.update)
                 for li, layer in enumerate(todo_layers):
                     what = f"slab ({t.entry.id}, layer {layer}) of kind {kind!r}"
                     try:
@@ -467,6 +377,6 @@ def capture_run(
                         _write_final(w, t.entry.id, f)
                     except OSError as err:
                         raise _disk_error(err, run.store_path, f"final_norm of {t.entry.id!r}, kind {kind!r}") from None
-            del model
+            del model, sites
     finally:
         bar.close()

@@ -118,17 +118,23 @@ def capture(
     no_progress: NoProgress = False,
 ) -> None:
     """Capture the last prompt token's hidden state at every layer into the run's store (resumable)."""
-    from rotelab.probe.capture import capture_run, parse_shard
+    from rotelab.pipeline import run_prerequisites
+    from rotelab.probe.accuracy import Shard
+    from rotelab.probe.capture import capture_run
     from rotelab.run import Run
 
     r = Run.from_target(target, run)
+    sh = Shard.parse(shard) if shard else Shard.from_env()
+    if sh is not None:
+        _threads_for_shards(sh.count)
+    run_prerequisites(r, "capture", sharded=sh is not None and sh.count > 1, progress=not no_progress, echo=typer.echo)
     capture_run(
         r,
         checkpoints=_csv(checkpoints),
         kinds=_csv(kinds),
         layers=_int_list(layers, "--layers"),
         items=_int_list(items, "--items"),
-        shard=_threads_for_shards(parse_shard(shard)) if shard else None,
+        shard=sh,
         progress=not no_progress,
     )
 
@@ -143,11 +149,13 @@ def train_cmd(
 
     On GPUs launch through DeepSpeed: deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR
     """
+    from rotelab.pipeline import run_prerequisites
     from rotelab.run import Run
     from rotelab.runlock import run_lock
     from rotelab.train import train_run
 
     r = Run.from_target(target, run)
+    run_prerequisites(r, "train", progress=not no_progress, echo=typer.echo)
     with run_lock(r.root, "rotelab train"):
         entries = train_run(r, progress=not no_progress)
     typer.echo(f"{r.root}: {len(entries)} checkpoints ({', '.join(e.id for e in entries[:3])}{', …' if len(entries) > 3 else ''})")
@@ -167,19 +175,15 @@ def eval_cmd(
     """Accuracy (object probability, multiple choice, generation) of every checkpoint × prompt kind
     not yet in the store (or stale: vLLM results from before the verified weight swap; --redo: all
     selected); prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
+    from rotelab.pipeline import run_prerequisites
     from rotelab.probe.accuracy import Shard, evaluate_run, select_checkpoints
     from rotelab.probe.accuracy_tables import format_summary
     from rotelab.run import Run
 
     r = Run.from_target(target, run)
-    if not r.checkpoints() and not Path(target).is_dir():
-        from rotelab.runlock import run_lock
-        from rotelab.train import train_run
-
-        with run_lock(r.root, "rotelab eval (training first)"):
-            train_run(r, progress=not no_progress)
     sh = Shard.parse(shard)
     _threads_for_shards(sh.count)
+    run_prerequisites(r, "eval", sharded=sh.count > 1, progress=not no_progress, echo=typer.echo)
     table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
@@ -206,15 +210,13 @@ def analyze_cmd(
     """ΔCosSim curves, PCA/UMAP projections, key-token alignment drift and (analyses.patching)
     activation patching into the run's store; does only what is missing."""
     from rotelab.analyses import analyze_run
+    from rotelab.pipeline import run_prerequisites
     from rotelab.run import Run
     from rotelab.runlock import run_lock
 
     r = Run.from_target(target, run)
     with run_lock(r.root, "rotelab analyze"):
-        if not Path(target).is_dir():
-            from rotelab.pipeline import run_pipeline
-
-            run_pipeline(r, stages=("data", "train", "capture"), progress=not no_progress, echo=typer.echo)
+        run_prerequisites(r, "analyze", progress=not no_progress, echo=typer.echo)
         summary = analyze_run(r, kinds=_csv(kinds), progress=not no_progress, note=typer.echo)
     dc = sum(summary["delta_cossim"].values())
     pr = sum(summary["projections"].values())
@@ -230,27 +232,23 @@ def figures_cmd(
 ) -> None:
     """Render the paper's figures (PNG + PDF + SVG + CSV) whose data exist into the run's figures/."""
     from rotelab.analyses import figures_run
+    from rotelab.pipeline import run_prerequisites
     from rotelab.run import Run
     from rotelab.runlock import run_lock
 
     r = Run.from_target(target, run)
     with run_lock(r.root, "rotelab figures"):
-        if not Path(target).is_dir():
-            from rotelab.pipeline import run_pipeline
-
-            run_pipeline(r, stages=("data", "train", "eval", "capture", "analyze"), progress=not no_progress, echo=typer.echo)
+        run_prerequisites(r, "figures", progress=not no_progress, echo=typer.echo)
         out = figures_run(r, note=lambda m: None)
     for name, path in out.items():
         typer.echo(f"{name:28s} {path}")
 
 
-def _threads_for_shards(shard):
-    """Re-apply the thread rule (rotelab.threads) for ``n`` processes of a sharded command: ``shard``
-    is a count or an ``(i, n)`` tuple; returned unchanged."""
+def _threads_for_shards(count: int) -> None:
+    """Re-apply the thread rule (rotelab.threads) for ``count`` processes of a sharded command."""
     from rotelab import threads
 
-    threads.apply(shard[1] if isinstance(shard, tuple) else int(shard))
-    return shard
+    threads.apply(int(count))
 
 
 def main() -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from rotelab.errors import RotelabError
 
@@ -23,6 +24,36 @@ LANGUAGES = ("de", "es", "zh", "ja")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_NOT_RESULT = {"rotelab_result": False}
+
+
+def setting(default: Any = PydanticUndefined, **kw: Any) -> Any:
+    """A field that changes how a stage runs but not its results: a reused run may differ in it,
+    and it is left out of the store's config fingerprint (:func:`non_result_keys`). Every other
+    field changes results. On a section field, it marks every key of the section."""
+    return Field(default, json_schema_extra=_NOT_RESULT, **kw)
+
+
+Epochs = Annotated[int, Field(ge=1)]
+LearningRate = Annotated[float, Field(gt=0)]
+BatchSize = Annotated[int, Field(ge=1)]
+
+
+class TrainingStageConfig(_Section):
+    """The schedule every training stage has (phase 1, phase 2, the injection stage). The stages
+    differ in their defaults of ``epochs``, ``lr``, ``batch_size`` and ``loss_mask``, which each
+    declares; the constraints are the annotated types above."""
+
+    epochs: Epochs
+    lr: LearningRate
+    batch_size: BatchSize
+    grad_accum: int = Field(1, ge=1)
+    loss_mask: LossMask
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int | Literal["epoch"] = "epoch"
+    """``epoch`` or a number of optimizer steps between checkpoints."""
 
 
 class ModelConfig(_Section):
@@ -63,7 +94,7 @@ class DataConfig(_Section):
     recorded in ``data/distractors.json``)."""
 
 
-class Phase1Config(_Section):
+class Phase1Config(TrainingStageConfig):
     """Rote memorization: ``{subject} <R_rel> {object}`` with the ordinary next-token loss."""
 
     mode: Literal["key", "no_key", "meaningful"] = "key"
@@ -71,17 +102,13 @@ class Phase1Config(_Section):
     ``meaningful`` (ablation C3): memorize with the relation's first train template (train-1)
     instead of the key token; phase 2 then trains the *next* P train templates (train-2, …), and
     train-1 is evaluated as its own prompt kind ``meaningful``."""
-    epochs: int = Field(20, ge=0)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    epochs: Annotated[int, Field(ge=0)] = 20
+    lr: LearningRate = 2e-4
+    batch_size: BatchSize = 16
     loss_mask: LossMask = "full"
-    weight_decay: float = Field(0.0, ge=0)
-    save_every: int | Literal["epoch"] = "epoch"
-    """``epoch`` or a number of optimizer steps between checkpoints."""
 
 
-class Phase2Config(_Section):
+class Phase2Config(TrainingStageConfig):
     """Generalization: k facts per relation × P meaningful train prompts, loss on the object."""
 
     enabled: bool = True
@@ -92,13 +119,10 @@ class Phase2Config(_Section):
     prompts: int = Field(1, ge=1, le=10)
     """P: the first P train templates of each relation (with ``phase1.mode: meaningful`` the P
     templates after train-1). The ``train`` prompt kind holds exactly these P templates."""
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(2e-5, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    epochs: Epochs = 5
+    lr: LearningRate = 2e-5
+    batch_size: BatchSize = 4
     loss_mask: LossMask = "object"
-    weight_decay: float = Field(0.0, ge=0)
-    save_every: int | Literal["epoch"] = "epoch"
     repurpose: dict[str, str] = Field(default_factory=dict)
     """Repurposing experiment (paper §7): ``{key relation: template relation}`` teaches the key
     token of the first relation the train templates of the second."""
@@ -107,7 +131,7 @@ class Phase2Config(_Section):
     experiment, paper Appendix G.1) their ``reverse`` templates, which ask for the subject."""
 
 
-class InjectConfig(_Section):
+class InjectConfig(TrainingStageConfig):
     """Ablation C1 (paper Appendix C, Fig. 9): after phase 2, memorize *new* facts with the key
     token only (``{subject} <R_rel> {object}``, phase 1's loss) as a third stage of the ``main``
     series (checkpoints ``inj-e01``…), starting from the last phase-2 checkpoint. The new facts
@@ -117,13 +141,10 @@ class InjectConfig(_Section):
     facts_per_relation: int = Field(0, ge=0)
     """New facts per relation (0: no injection stage): generated in addition to
     ``data.facts_per_relation``; with ``data.facts_file``, the last N facts of each relation."""
-    epochs: int = Field(20, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    epochs: Epochs = 20
+    lr: LearningRate = 2e-4
+    batch_size: BatchSize = 16
     loss_mask: LossMask = "full"
-    weight_decay: float = Field(0.0, ge=0)
-    save_every: int | Literal["epoch"] = "epoch"
 
 
 class BaselinesConfig(_Section):
@@ -140,9 +161,9 @@ class BaselinesConfig(_Section):
 
 
 class TrainConfig(_Section):
-    deepspeed: str | None = None
+    deepspeed: str | None = setting(None)
     """A DeepSpeed JSON config; default: the shipped ZeRO-0 config on CPU, ZeRO-2 bf16 on GPU."""
-    keep_weights: Literal["all", "latest"] | int = "all"
+    keep_weights: Literal["all", "latest"] | int = setting("all")
     """Keep the weights of all points, every n-th (an int), or only the latest."""
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -151,55 +172,76 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    kinds: list[str] | None = None
+    engine: Literal["auto", "vllm", "hf"] = setting("auto")
+    kinds: list[str] | None = setting(None)
     """Prompt kinds to evaluate; default: all kinds the run has."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = setting(32, ge=1)
     max_new_tokens: int = Field(16, ge=1)
-    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+    gpu_memory_utilization: float = setting(0.2, gt=0, le=1)
     """vLLM: fraction of GPU memory (on CPU: of host memory) the engine reserves."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = setting(1, ge=1)
     """vLLM: GPUs one engine spans (for models that need several)."""
-    prefix_caching: bool = True
+    prefix_caching: bool = setting(True)
     """vLLM: automatic prefix caching for MC scoring (the options of a prompt share its cached blocks)."""
 
 
 class CaptureConfig(_Section):
     """Hidden-state capture (``rotelab capture``): the last prompt token at every layer."""
 
-    kinds: list[str] | None = None
+    kinds: list[str] | None = setting(None)
     """Prompt kinds to capture; default: all kinds the run has."""
-    layers: list[int] | None = None
+    layers: list[int] | None = setting(None)
     """Layers to capture (0 = embedding output, i = output of block i); default: all."""
-    batch_size: int = Field(32, ge=1)
-    device: str = "auto"
+    batch_size: int = setting(32, ge=1)
+    device: str = setting("auto")
     """``auto`` (``cuda:$LOCAL_RANK`` when CUDA is available, else ``cpu``), ``cpu``, ``cuda:1``, …"""
-    device_map: str | None = None
+    device_map: str | None = setting(None)
     """Load each checkpoint sharded over the visible GPUs (a HF ``device_map`` such as ``auto`` or
     ``balanced``), for models larger than one GPU; overrides ``device``."""
 
 
+class PatchingConfig(_Section):
+    """The configured activation-patching sweep of ``rotelab analyze``
+    (:data:`rotelab.analyses.patching.layer_sweep` within each checkpoint)."""
+
+    enabled: bool = False
+    source_kind: str = "key"
+    target_kind: str = "test"
+    items_per_relation: int = Field(4, ge=1)
+    """Held-out target items per relation in the configured patching sweep."""
+    checkpoints: list[str] | None = None
+    """Checkpoints of the sweep (default: every main-series checkpoint whose weights are kept)."""
+    layers: list[int] | None = None
+    """Layers of the sweep (default: all, 0 = embeddings)."""
+    metric: Literal["object_logprob", "object_prob", "first_token_logprob"] = "object_logprob"
+
+
 class AnalysesConfig(_Section):
-    projections: list[Literal["pca", "umap"]] = Field(default_factory=lambda: ["pca"])
-    reference_checkpoint: str | None = None
+    projections: list[Literal["pca", "umap"]] = setting(default_factory=lambda: ["pca"])
+    reference_checkpoint: str | None = setting(None)
     """Reference for ΔSimilarity of the key-token drift (default: the last phase-1 checkpoint)."""
-    patching: bool = False
-    projection_fit_on: str = "per-slab"
+    patching: PatchingConfig = setting(default_factory=PatchingConfig)
+    """The configured patching sweep (a section: ``analyses.patching.enabled``, …)."""
+    projection_fit_on: str = setting("per-slab")
     """``per-slab`` (each checkpoint × layer fitted on its own) or a checkpoint id whose slab of the
     same layer the projection is fitted on and then applied to every checkpoint."""
-    joint_kinds: list[str] = Field(default_factory=lambda: ["key", "train", "test"])
+    @model_validator(mode="before")
+    @classmethod
+    def _old_patching_keys(cls, data: Any) -> Any:
+        """The flat ``patching_*`` keys (and ``patching: true``) of before the section: an error
+        naming the new key."""
+        if isinstance(data, dict):
+            old = sorted(k for k in data if isinstance(k, str) and k.startswith("patching_"))
+            if old:
+                raise ValueError(f"analyses.{old[0]} is now analyses.patching.{old[0][len('patching_'):]}")
+            if isinstance(data.get("patching"), bool):
+                raise ValueError(f"analyses.patching is a section now: write analyses.patching.enabled: {str(data['patching']).lower()}")
+        return data
+
+    joint_kinds: list[str] = setting(default_factory=lambda: ["key", "train", "test"])
     """Kinds projected into one shared space (``proj_pca_joint`` in each of their groups)."""
-    umap_layers: list[int] | None = None
+    umap_layers: list[int] | None = setting(None)
     """Layers UMAP is computed for (slow); default: the last layer only. PCA covers all layers."""
-    patching_source_kind: str = "key"
-    patching_target_kind: str = "test"
-    patching_items_per_relation: int = Field(4, ge=1)
-    """Held-out target items per relation in the configured patching sweep."""
-    patching_checkpoints: list[str] | None = None
-    """Checkpoints of the sweep (default: every main-series checkpoint whose weights are kept)."""
-    patching_layers: list[int] | None = None
-    """Layers of the sweep (default: all, 0 = embeddings)."""
-    patching_metric: Literal["object_logprob", "object_prob", "first_token_logprob"] = "object_logprob"
     # where the fact lives (rotelab.analyses.where): logit lens, relation probes, CKA drift, onset
     logit_lens: bool = True
     """Logit lens of every captured slab (one model load per checkpoint; a matmul with the vocab)."""
@@ -219,7 +261,7 @@ class AnalysesConfig(_Section):
 class Config(_Section):
     """A whole run."""
 
-    name: str = "run"
+    name: str = setting("run")
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -231,7 +273,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = setting(default_factory=dict)
     """Dotted key → list of values, e.g. ``{seed: [0, 1, 2], phase2.k: [1, 10]}``: expands into
     sibling runs (see :func:`expand_sweep`)."""
 
@@ -290,6 +332,22 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored ``config.yaml`` from before ``analyses.patching`` became a section: its flat
+    ``analyses.patching`` (bool) and ``analyses.patching_*`` keys are moved into the section. A
+    stored config is the resolved dump of a valid config, so this is a rename, never a guess; a
+    user's config file with the old keys is an error naming the new ones."""
+    section = data.get("analyses") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return data
+    old = {k: section.pop(k) for k in [k for k in section if isinstance(k, str) and k.startswith("patching_")]}
+    if isinstance(section.get("patching"), bool) or old:
+        nested = {"enabled": bool(section.pop("patching", False))} if not isinstance(section.get("patching"), dict) else section.pop("patching")
+        nested.update({k[len("patching_"):]: v for k, v in old.items()})
+        section["patching"] = nested
+    return data
+
+
 def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a plain dict; errors name ``source`` and the offending keys in one line."""
     if not isinstance(data, dict):
@@ -343,38 +401,25 @@ def expand_sweep(config: Config) -> list[Config]:
     return out
 
 
-# Keys that change how a stage runs but not its results; a reused run may differ in these.
-NON_RESULT_KEYS = frozenset(
-    {
-        "name",
-        "sweep",
-        "eval.batch_size",
-        "eval.engine",
-        "eval.gpu_memory_utilization",
-        "eval.tensor_parallel_size",
-        "eval.prefix_caching",
-        "eval.kinds",
-        "capture.batch_size",
-        "capture.kinds",
-        "capture.layers",
-        "capture.device",
-        "capture.device_map",
-        "analyses.projections",
-        "analyses.patching",
-        "analyses.reference_checkpoint",
-        "analyses.projection_fit_on",
-        "analyses.joint_kinds",
-        "analyses.umap_layers",
-        "analyses.patching_source_kind",
-        "analyses.patching_target_kind",
-        "analyses.patching_items_per_relation",
-        "analyses.patching_checkpoints",
-        "analyses.patching_layers",
-        "analyses.patching_metric",
-        "train.keep_weights",
-        "train.deepspeed",
-    }
-)
+def non_result_keys(model: type[BaseModel] | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys declared with :func:`setting` (they change how a stage runs, not its results);
+    a section declared so covers every key below it (see :func:`is_result_key`)."""
+    model = Config if model is None else model
+    out: set[str] = set()
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if extra.get("rotelab_result") is False:
+            out.add(key)
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, _Section):
+            out |= non_result_keys(f.annotation, key + ".")
+    return frozenset(out)
+
+
+def is_result_key(key: str) -> bool:
+    """Whether a dotted key changes results: neither it nor a section above it is a setting."""
+    parts = key.split(".")
+    return not any(".".join(parts[: i + 1]) in NON_RESULT_KEYS for i in range(len(parts)))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -391,4 +436,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def result_differences(stored: Config, given: Config) -> list[str]:
     """Dotted keys whose values differ between two configs and change results."""
     a, b = flatten(stored.model_dump()), flatten(given.model_dump())
-    return sorted(k for k in set(a) | set(b) if k not in NON_RESULT_KEYS and a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if is_result_key(k) and a.get(k) != b.get(k))
+
+
+#: Keys that change how a stage runs but not its results (declared with :func:`setting`).
+NON_RESULT_KEYS = non_result_keys()

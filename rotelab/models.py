@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -177,17 +178,47 @@ def load_tokenizer(spec: str | Path):
     return tok
 
 
-def load_model(spec: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` for a name or folder (see the module docstring), in eval mode."""
+def load_model(spec: str | Path, dtype: str = "float32", device: str | torch.device = "cpu", device_map: str | None = None):
+    """``(model, tokenizer)`` for a name or folder (see the module docstring), in eval mode, on
+    ``device`` — or, with ``device_map`` (any HF ``device_map``, e.g. ``auto``), sharded over the
+    visible GPUs (``device`` is then ignored)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise RotelabError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
     src = model_dir(str(spec))
-    model = _from_pretrained(AutoModelForCausalLM, src, dtype=_DTYPES[dtype])
-    model.to(device)
+    if device_map is None:
+        model = _from_pretrained(AutoModelForCausalLM, src, dtype=_DTYPES[dtype])
+        model.to(device)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, src, dtype=_DTYPES[dtype], device_map=device_map)
     model.eval()
     return model, load_tokenizer(spec)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """``n_layers`` transformer blocks (store layers ``0..n_layers``) of width ``hidden``."""
+
+    n_layers: int
+    hidden: int
+
+
+def model_shape(checkpoint_dir: str | Path) -> ModelShape:
+    """The shape of the model in a checkpoint folder, from its ``config.json`` alone (no weights
+    are loaded; a multimodal config's text part is used)."""
+    from transformers import AutoConfig
+
+    p = Path(checkpoint_dir)
+    try:
+        cfg = AutoConfig.from_pretrained(str(p))
+    except (OSError, ValueError) as err:
+        raise RotelabError(f"{p / 'config.json'}: unreadable model config ({str(err).splitlines()[0]})") from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n, h = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
+    if n is None or h is None:
+        raise RotelabError(f"{p / 'config.json'}: no num_hidden_layers/hidden_size")
+    return ModelShape(int(n), int(h))
 
 
 def add_key_tokens(model, tokenizer, tokens: list[str], init: str = "normal", seed: int = 0) -> dict[str, int]:

@@ -4,6 +4,13 @@ This is the one orchestrating module above every stage (like the CLI it imports 
 its functions); each stage does only what is missing, so re-running a finished run is cheap and an
 interrupted one continues where it stopped.
 
+The prerequisite rule (the same for every stage command, given a config or a run directory): a
+stage first does the missing stages it reads (:data:`NEEDS`, :func:`run_prerequisites`). ``data``
+is written once; ``train`` counts as missing while the run has no checkpoint (``rotelab train``
+completes a partial series); ``eval``, ``capture`` and ``analyze`` are run, each doing only what is
+missing. A sharded ``eval``/``capture`` (``--shard``, or a launcher's ``RANK``/``WORLD_SIZE``) never
+trains: its processes write only their own cells, without the run's writer lock.
+
 Sweeps: a config with ``sweep:`` expands into sibling runs ``runs/<name>-<key>=<value>…``. Siblings
 that agree on everything phase 1 depends on share its checkpoints (phase 1 is trained once, in the
 first sibling, and linked into the others).
@@ -21,6 +28,16 @@ from rotelab.errors import RotelabError
 from rotelab.run import Run
 
 STAGES = ("data", "train", "eval", "capture", "analyze", "figures", "summary")
+#: The stages each stage reads, in order: what a stage command does first when they are missing.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "train": ("data",),
+    "eval": ("data", "train"),
+    "capture": ("data", "train"),
+    "analyze": ("data", "train", "eval", "capture"),
+    "figures": ("data", "train", "eval", "capture", "analyze"),
+    "summary": ("data", "train", "eval", "capture", "analyze", "figures"),
+}
 
 
 @dataclass
@@ -112,6 +129,26 @@ def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callabl
         result.summary = run.summary_path.read_text(encoding="utf-8")
     echo(f"── all stages done in {_fmt(time.perf_counter() - t_all)}")
     return result
+
+
+def run_prerequisites(
+    run: Run, stage: str, *, sharded: bool = False, progress: bool = True, echo: Callable[[str], None] = print
+) -> tuple[str, ...]:
+    """Do the missing stages ``stage`` needs (see the module docstring); returns the stages run
+    through the pipeline (``data`` is written directly, without the run's writer lock)."""
+    if stage not in NEEDS:
+        raise RotelabError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    needs = NEEDS[stage]
+    if "data" in needs:
+        run.ensure_data()
+    todo = tuple(s for s in needs if s != "data" and not (s == "train" and run.checkpoints()))
+    if sharded and "train" in todo:
+        raise RotelabError(
+            f"{run.index_path}: the run has no checkpoints yet; a sharded {stage} does not train (run `rotelab train {run.root}` first)"
+        )
+    if todo:
+        run_pipeline(run, stages=todo, progress=progress, echo=echo)
+    return todo
 
 
 def run_config(

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
-from rotelab.config import NON_RESULT_KEYS, Config, config_from_dict, flatten, load_config, result_differences
+from rotelab.config import Config, config_from_dict, flatten, is_result_key, load_config, result_differences, upgrade_stored_config
 from rotelab.errors import RotelabError
 from rotelab.facts import (
     Fact,
@@ -67,7 +67,7 @@ _FINGERPRINT_EXCLUDED = frozenset({"data.facts_file", "data.relations_file"})
 
 
 def config_sha256(config: Config) -> str:
-    """Hash of every result-relevant config value (all keys but :data:`NON_RESULT_KEYS`) that
+    """Hash of every result-relevant config value (:func:`rotelab.config.is_result_key`) that
     differs from the schema's default: two runs get the same hash iff they agree on everything that
     changes results, and a key added to the schema later (with its default) changes no hash."""
     values = flatten(config.model_dump(mode="json"))
@@ -75,7 +75,7 @@ def config_sha256(config: Config) -> str:
     relevant = {
         k: v
         for k, v in values.items()
-        if k not in NON_RESULT_KEYS and k not in _FINGERPRINT_EXCLUDED and (k not in defaults or defaults[k] != v)
+        if is_result_key(k) and k not in _FINGERPRINT_EXCLUDED and (k not in defaults or defaults[k] != v)
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -132,7 +132,7 @@ class Run:
             raise RotelabError(f"{root}: not a run directory (no config.yaml)")
         data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
         data.pop("provenance", None)
-        return cls(root, config_from_dict(data, str(cfg_path)))
+        return cls(root, config_from_dict(upgrade_stored_config(data), str(cfg_path)))
 
     @classmethod
     def from_target(cls, target: str | Path, run_dir: str | Path | None = None) -> "Run":

@@ -173,8 +173,8 @@ def test_configured_sweep_and_heatmap(tiny_run, tmp_path):
     from rotelab.analyses.analyze import patching_run
     from rotelab.analyses.figures import plot_patching_heatmap
 
-    cfg = tiny_run.config.analyses
-    cfg.patching, cfg.patching_items_per_relation, cfg.patching_layers = True, 1, [0, 2]
+    cfg = tiny_run.config.analyses.patching
+    cfg.enabled, cfg.items_per_relation, cfg.layers = True, 1, [0, 2]
     st = Store.open(tiny_run.store_path, fingerprint=tiny_run.fingerprint())
     notes: list[str] = []
     assert patching_run(tiny_run, st, progress=False, note=notes.append) == 2  # base and p1-e01

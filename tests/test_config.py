@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rotelab.config import Config, expand_sweep, load_config, result_differences
+from rotelab.config import Config, config_from_dict, expand_sweep, load_config, result_differences
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 
@@ -84,3 +84,85 @@ def test_run_records_versions_and_seed(tmp_path: Path) -> None:
     assert data["provenance"]["seed"] == 7
     assert data["provenance"]["versions"]["torch"].startswith("2.")
     assert Run.open(run.root).config == run.config
+
+
+# ---------------------------------------------------------------- result keys, fingerprint, patching section
+
+#: The store config fingerprints of the shipped configs, computed by the code before the result
+#: keys were declared per field (main at fce54cc): a changed value would refuse every old store.
+OLD_FINGERPRINTS = {
+    "paper-qwen2.5-1.5b.yaml": ["67492747c9ee1f46"],
+    "repro-smollm2.yaml": ["ab4733440a8bba08", "3a0eca3c3bbd721e", "e79885860c0e1c9b"],
+    "smollm2-demo.yaml": ["5b55807ce85ffa18"],
+    "tiny-ablations.yaml": ["2955c41fd45d81ee"],
+    "tiny-meaningful.yaml": ["185b4a8c90b9334c"],
+    "tiny.yaml": ["2f9aef6f414ae198"],
+}
+
+
+def test_fingerprints_of_unchanged_configs_are_the_old_ones() -> None:
+    from rotelab.run import config_sha256
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name, want in OLD_FINGERPRINTS.items():
+        assert [config_sha256(c) for c in expand_sweep(load_config(root / name))][: len(want)] == want, name
+    # non-default values in result keys and settings, as the old code hashed them
+    cfg = Config(analyses={"patching": {"enabled": True, "layers": [0, 2], "metric": "object_prob"}},
+                 phase1={"lr": 0.01, "batch_size": 8}, phase2={"loss_mask": "full", "epochs": 3})
+    assert config_sha256(cfg) == "1a81808d25d1f4ad"
+
+
+def test_settings_are_declared_next_to_their_fields() -> None:
+    from rotelab.config import NON_RESULT_KEYS, is_result_key
+
+    assert NON_RESULT_KEYS == {
+        "name", "sweep", "eval.batch_size", "eval.engine", "eval.gpu_memory_utilization", "eval.tensor_parallel_size",
+        "eval.prefix_caching", "eval.kinds", "capture.batch_size", "capture.kinds", "capture.layers", "capture.device",
+        "capture.device_map", "analyses.projections", "analyses.patching", "analyses.reference_checkpoint",
+        "analyses.projection_fit_on", "analyses.joint_kinds", "analyses.umap_layers", "train.keep_weights",
+        "train.deepspeed",
+    }
+    assert not is_result_key("analyses.patching.layers") and is_result_key("analyses.probe_C") and is_result_key("phase1.lr")
+    a = Config(name="a")
+    b = Config(name="b", analyses={"patching": {"enabled": True, "layers": [1]}}, capture={"batch_size": 2})
+    assert result_differences(a, b) == []
+
+
+def test_phase_schedules_share_one_base_with_their_own_defaults() -> None:
+    from rotelab.config import InjectConfig, Phase1Config, Phase2Config, TrainingStageConfig
+
+    fields = ("epochs", "lr", "batch_size", "grad_accum", "loss_mask", "weight_decay", "save_every")
+    for cls, defaults in ((Phase1Config, (20, 2e-4, 16, 1, "full", 0.0, "epoch")),
+                          (Phase2Config, (5, 2e-5, 4, 1, "object", 0.0, "epoch")),
+                          (InjectConfig, (20, 2e-4, 16, 1, "full", 0.0, "epoch"))):
+        assert issubclass(cls, TrainingStageConfig)
+        assert tuple(getattr(cls(), f) for f in fields) == defaults, cls.__name__
+    for bad in ({"phase1": {"lr": 0}}, {"phase2": {"epochs": 0}}, {"inject": {"batch_size": 0}}, {"phase1": {"epochs": -1}}):
+        with pytest.raises(RotelabError):
+            config_from_dict(bad)
+    assert Phase1Config(epochs=0).epochs == 0  # phase 1 may be skipped, phase 2 may not
+
+
+def test_old_flat_patching_keys_name_the_new_ones() -> None:
+    with pytest.raises(RotelabError, match=r"x.yaml: .*analyses.patching_layers is now analyses.patching.layers"):
+        config_from_dict({"analyses": {"patching_layers": [1]}}, "x.yaml")
+    with pytest.raises(RotelabError, match=r"analyses.patching.enabled: true"):
+        config_from_dict({"analyses": {"patching": True}}, "x.yaml")
+    assert config_from_dict({"analyses": {"patching": {"enabled": True, "metric": "object_prob"}}}).analyses.patching.metric == "object_prob"
+
+
+def test_a_run_directory_stored_with_the_flat_keys_still_opens_with_its_fingerprint(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = Config(name="r", data={"relations": ["capital"], "facts_per_relation": 5}, phase2={"k": 2},
+                 analyses={"patching": {"enabled": True, "layers": [0, 1], "items_per_relation": 2}})
+    run = Run.create(cfg, tmp_path / "r")
+    want = run.fingerprint()
+    stored = yaml.safe_load(run.config_path.read_text())
+    section = stored["analyses"].pop("patching")  # rewrite it as the code before the section wrote it
+    stored["analyses"].update({"patching": section.pop("enabled"), **{f"patching_{k}": v for k, v in section.items()}})
+    run.config_path.write_text(yaml.safe_dump(stored))
+    old = Run.open(tmp_path / "r")
+    assert old.config.analyses.patching == cfg.analyses.patching
+    assert old.fingerprint() == want
+    Run.create(cfg, tmp_path / "r")  # reusing it with the new config is fine

@@ -147,3 +147,90 @@ def test_store_and_analyses_import_without_textual() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- import circles
+
+def _module_name(folder: str, path: Path, root: Path = ROOT) -> str:
+    pkg = _package_of(folder, path, root)
+    return ".".join(pkg) if path.name == "__init__.py" else ".".join([*pkg, path.stem])
+
+
+def import_graph(folder: str, root: Path = ROOT) -> dict[str, set[str]]:
+    """Module → the modules of the same room it imports (at module level or inside functions;
+    ``TYPE_CHECKING`` imports excluded). ``from pkg import name`` counts as importing ``pkg.name``
+    when that is a module, else ``pkg`` (its ``__init__``); ``import a.b`` counts as ``a.b``."""
+    mods = {_module_name(folder, p, root): p for p in _modules(folder, root)}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        pkg = _package_of(folder, path, root)
+        skip: set[int] = set()
+        for node in tree.body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skip.update(id(n) for n in ast.walk(node))
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in mods)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else [])) if node.level else (node.module or "")
+                for a in node.names:
+                    if f"{base}.{a.name}" in mods:
+                        graph[name].add(f"{base}.{a.name}")
+                    elif base in mods:
+                        graph[name].add(base)
+        graph[name].discard(name)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (an import circle), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("folder", ["rotelab", "train", "probe", "analyses"])
+def test_no_import_circle_inside_a_room(folder: str) -> None:
+    found = circles(import_graph(folder))
+    assert not found, "import circles: " + "; ".join(" ↔ ".join(c) for c in found)
+
+
+def test_circle_finder_sees_a_planted_circle(tmp_path: Path) -> None:
+    pkg = tmp_path / "probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .a import f\n")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("from rotelab.probe import f\n")
+    (pkg / "c.py").write_text("from .a import f\n")
+    assert circles(import_graph("probe", tmp_path)) == [["rotelab.probe", "rotelab.probe.a", "rotelab.probe.b"]]

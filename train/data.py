@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rotelab.batching import pad_values
 from rotelab.config import LossMask
 from rotelab.errors import RotelabError
 from rotelab.facts import Fact
@@ -142,19 +143,13 @@ def make_examples(tokenizer, texts: list[tuple[str, str, str, str]], mask: LossM
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch: ``input_ids`` [batch, seq] (pad ``pad_id``), ``attention_mask``
-    [batch, seq] (0 on padding), ``labels`` [batch, seq] (-100 on padding and unmasked tokens)."""
+    """Right-pad a micro-batch (:func:`rotelab.batching.pad_values`): ``input_ids`` [batch, seq]
+    (pad ``pad_id``), ``attention_mask`` [batch, seq] (0 on padding), ``labels`` [batch, seq]
+    (-100 on padding and unmasked tokens)."""
     if not examples:
         raise ValueError("empty micro-batch")
-    n = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    att = torch.zeros((len(examples), n), dtype=torch.long)
-    lab = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e.input_ids)
-        ids[i, :k] = torch.tensor(e.input_ids)
-        att[i, :k] = 1
-        lab[i, :k] = torch.tensor(e.labels)
+    ids, att = pad_values([e.input_ids for e in examples], pad_id)
+    lab, _ = pad_values([e.labels for e in examples], IGNORE)
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rotelab.batching import pad_id
 from rotelab.checkpoints import CheckpointEntry, read_index, verify_weights
+from rotelab.config import TrainingStageConfig
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 from rotelab.train import engine as eng
@@ -54,6 +56,16 @@ class Stage:
     tokens_before: int = 0
     """Training tokens of the start point (its ``total_tokens``): this stage's points record
     ``total_tokens = tokens_before + tokens_seen``."""
+
+    @classmethod
+    def of(
+        cls, name: str, prefix: str, series: str, examples: list[Example], schedule: TrainingStageConfig, start_dir: Path, **kw
+    ) -> "Stage":
+        """A stage whose optimisation settings are a config section's schedule (``phase1``,
+        ``phase2``, ``inject``; the baselines use phase 2's)."""
+        return cls(name, prefix, series, examples, epochs=schedule.epochs, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                   batch_size=schedule.batch_size, grad_accum=schedule.grad_accum, save_every=schedule.save_every,
+                   start_dir=start_dir, **kw)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -202,7 +214,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
     n = len(stage.examples)
     spe = stage.steps_per_epoch
     step_slices = step_plan(n, stage.batch_size)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_token = pad_id(tok)
     dtype = cfg.model.dtype
     bar = tqdm(total=stage.total_steps, initial=start_step, desc=stage.name, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     seg_loss, seg_steps = 0.0, 0
@@ -222,7 +234,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
         for m in range(stage.grad_accum):
             lo, hi = micro_slices(len(step_ex), parts)[m * world + rank]
             mb = step_ex[lo:hi]
-            batch = collate(mb if mb else step_ex[:1], pad_id)
+            batch = collate(mb if mb else step_ex[:1], pad_token)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, _ = eng.step_loss(engine, batch, scale if mb else 0.0)
             engine.backward(loss)

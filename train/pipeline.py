@@ -104,8 +104,8 @@ def phase1_stage(run: Run) -> Stage:
     tok = _tokenizer(run)
     texts = phase1_texts(run.facts, run.relations, p1.mode, run.split)
     examples = make_examples(tok, texts, p1.loss_mask, cfg.train.max_length)
-    return Stage("phase1", "p1", "main", examples, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum,
-                 p1.save_every, run.checkpoint_dir("base"), protected={phase2_start_id(run)} if cfg.phase2.enabled else set())
+    return Stage.of("phase1", "p1", "main", examples, p1, run.checkpoint_dir("base"),
+                    protected={phase2_start_id(run)} if cfg.phase2.enabled else set())
 
 
 def phase2_start_id(run: Run) -> str:
@@ -127,7 +127,7 @@ def _phase1_shape(run: Run) -> Stage:
     p1 = run.config.phase1
     n = sum(1 for f in run.facts if run.split[f.id] != "injected")
     dummy = [None] * n  # type: ignore[list-item]
-    return Stage("phase1", "p1", "main", dummy, p1.epochs, p1.lr, p1.weight_decay, p1.batch_size, p1.grad_accum, p1.save_every, Path("."))
+    return Stage.of("phase1", "p1", "main", dummy, p1, Path("."))
 
 
 def _phase2_examples(run: Run, splits: tuple[str, ...] = ("train",)):
@@ -181,8 +181,8 @@ def train_phase2(run: Run, start: str | None = None, *, progress: bool = True) -
     start_dir = run.checkpoint_dir(start)
     if _rank() == 0 and prev != start:
         series.update_index(run, phase2_start=start)
-    stage = Stage("phase2", "p2", "main", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
-                  p2.grad_accum, p2.save_every, start_dir, protected={start}, tokens_before=_total_tokens(run, start))
+    stage = Stage.of("phase2", "p2", "main", _phase2_examples(run), p2, start_dir, protected={start},
+                     tokens_before=_total_tokens(run, start))
     return run_stage(run, stage, progress=progress)
 
 
@@ -196,8 +196,8 @@ def train_inject(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     start = p2_points[-1]
     tok = _tokenizer(run)
     examples = make_examples(tok, inject_texts(run.facts, run.relations, run.split), inj.loss_mask, cfg.train.max_length)
-    stage = Stage("inject", "inj", "main", examples, inj.epochs, inj.lr, inj.weight_decay, inj.batch_size, inj.grad_accum,
-                  inj.save_every, run.checkpoint_dir(start), protected={start.id}, tokens_before=_total_tokens(run, start.id))
+    stage = Stage.of("inject", "inj", "main", examples, inj, run.checkpoint_dir(start), protected={start.id},
+                     tokens_before=_total_tokens(run, start.id))
     return run_stage(run, stage, progress=progress)
 
 
@@ -208,8 +208,7 @@ def train_sft_baseline(run: Run, *, progress: bool = True) -> list[CheckpointEnt
     default), epochs, lr and batch size. B.5: "the same parameters … just changing the dataset"."""
     p2 = run.config.phase2
     ensure_base_checkpoint(run)
-    stage = Stage("sft", "sft", "sft", _phase2_examples(run, ("train", "heldout")), p2.epochs, p2.lr, p2.weight_decay,
-                  p2.batch_size, p2.grad_accum, p2.save_every, run.checkpoint_dir("base"))
+    stage = Stage.of("sft", "sft", "sft", _phase2_examples(run, ("train", "heldout")), p2, run.checkpoint_dir("base"))
     return run_stage(run, stage, progress=progress)
 
 
@@ -218,8 +217,7 @@ def train_sft_k_baseline(run: Run, *, progress: bool = True) -> list[CheckpointE
     templates) from ``base``, without phase 1 — what phase 2 alone does."""
     p2 = run.config.phase2
     ensure_base_checkpoint(run)
-    stage = Stage("sft-k", "sftk", "sft-k", _phase2_examples(run), p2.epochs, p2.lr, p2.weight_decay, p2.batch_size,
-                  p2.grad_accum, p2.save_every, run.checkpoint_dir("base"))
+    stage = Stage.of("sft-k", "sftk", "sft-k", _phase2_examples(run), p2, run.checkpoint_dir("base"))
     return run_stage(run, stage, progress=progress)
 
 

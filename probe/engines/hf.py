@@ -19,7 +19,9 @@ import torch
 
 from rotelab.errors import RotelabError
 
-from ..accuracy_metrics import ScoreRequest
+from rotelab.batching import Collator, pad, pad_id
+
+from ..accuracy_metrics import ScoreRequest, cut_at_stop
 from ..mc_trie import score_trie
 
 
@@ -49,7 +51,7 @@ class HFEngine:
         self.model = None
         model, tok = load_model(str(checkpoint_dir), self.dtype, self.device)
         self.model = model
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+        self.pad_id = pad_id(tok)
         self.checkpoint = Path(checkpoint_dir)
 
     def _need_model(self):
@@ -61,15 +63,8 @@ class HFEngine:
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input ids, attention mask and position ids [batch, max_len] for left-padded ``seqs``."""
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-                mask[i, n - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        p = pad(seqs, self.pad_id, "left").to(self.device)
+        return p.input_ids, p.attention_mask, p.position_ids
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[np.ndarray]]:
         """Per-token log-probabilities ``[request][continuation] -> float32 [len]`` (trie-shared, see
@@ -83,10 +78,9 @@ class HFEngine:
         """Greedy continuations (new token ids, cut after the first stop id)."""
         model = self._need_model()
         stops = set(int(s) for s in stop_ids)
-        out: list[list[int]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for b0 in range(0, len(order), self.batch_size):
-            chunk = order[b0 : b0 + self.batch_size]
+        collator: Collator[list[int]] = Collator(len(prompts), self.batch_size, key=lambda i: len(prompts[i]))
+        per_batch: list[list[list[int]]] = []
+        for chunk in collator.batches():
             ids, mask, _ = self._left_pad([prompts[i] for i in chunk])
             gen = model.generate(
                 input_ids=ids,
@@ -101,14 +95,8 @@ class HFEngine:
                 top_k=None,
             )
             new = gen[:, ids.shape[1] :].cpu().tolist()
-            for b, i in enumerate(chunk):
-                seq = []
-                for t in new[b]:
-                    seq.append(int(t))
-                    if t in stops:
-                        break
-                out[i] = seq
-        return out
+            per_batch.append([cut_at_stop(row, stops) for row in new])
+        return collator.restore(per_batch)
 
     def close(self) -> None:
         self.model = None

@@ -46,7 +46,7 @@ import numpy as np
 
 from rotelab.errors import RotelabError
 
-from ..accuracy_metrics import ScoreRequest
+from ..accuracy_metrics import ScoreRequest, cut_at_stop
 
 
 def _logprob_of(entry, token_id: int) -> float:
@@ -270,15 +270,7 @@ class VllmEngine:
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         stops = set(int(s) for s in stop_ids)
-        res = []
-        for o in outs:
-            seq = []
-            for t in o.outputs[0].token_ids:
-                seq.append(int(t))
-                if t in stops:
-                    break
-            res.append(seq)
-        return res
+        return [cut_at_stop(o.outputs[0].token_ids, stops) for o in outs]
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
