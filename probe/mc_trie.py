@@ -13,8 +13,9 @@ How it is run: each request becomes one packed row, ``prefix ‖ inner nodes`` (
 depth-first order), with a 4-D additive attention mask — a prefix position sees the prefix
 causally, a node sees the whole prefix, its ancestors and itself — and explicit position ids
 (a node at depth d sits at position ``len(prefix) + d − 1``, exactly where it would be in the
-unpacked sequence ``prefix + option``). Rows are sorted by length and padded on the right
-(padding positions see only themselves and are never read). One forward per batch of rows;
+unpacked sequence ``prefix + option``). Rows are sorted by length, cut into batches by a token
+budget (so not :class:`rotelab.batching.Collator`'s fixed batch size) and padded on the right by
+:func:`rotelab.batching.pad_values` (padding positions see only themselves and are never read). One forward per batch of rows;
 the LM head runs only at the positions whose next-token distribution is read.
 
 Equality with unpacked scoring: every position attends to exactly the keys it would attend to in
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rotelab.batching import pad_values
 from rotelab.errors import RotelabError
 
 from .accuracy_metrics import ScoreRequest
@@ -175,12 +177,11 @@ def score_trie(model, requests: Sequence[ScoreRequest], *, pad_id: int, batch_si
             chunk.append(order[b0 + len(chunk)])
         b0 += len(chunk)
         rows = [_row(requests[i], tries[i]) for i in chunk]
-        n = max(len(ids) for ids, _, _ in rows)
-        ids_t = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        ids_t, _ = pad_values([ids for ids, _, _ in rows], pad_id, "right")
+        n = ids_t.shape[1]
         pos_t = torch.zeros((len(chunk), n), dtype=torch.long)
         allowed = torch.zeros((len(chunk), n, n), dtype=torch.bool)
         for b, (ids, pos, sees) in enumerate(rows):
-            ids_t[b, : len(ids)] = torch.tensor(ids)
             pos_t[b, : len(pos)] = torch.tensor(pos)
             q = torch.tensor([i for i, s in enumerate(sees) for _ in s])
             k = torch.tensor([j for s in sees for j in s])

@@ -220,7 +220,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("folder", ["rotelab", "train", "probe", "analyses"])
+@pytest.mark.parametrize("folder", ["rotelab", "train", "probe", "analyses", "store", "tui"])
 def test_no_import_circle_inside_a_room(folder: str) -> None:
     found = circles(import_graph(folder))
     assert not found, "import circles: " + "; ".join(" ↔ ".join(c) for c in found)
