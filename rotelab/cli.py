@@ -84,6 +84,9 @@ def run_cmd(
     roots = [str(r.run.root) for r in results]
     target = roots[0] if len(roots) == 1 else str(Path(roots[0]).parent)
     typer.echo(f"Browse it: rotelab tui {target}")
+    from rotelab.tracking import logdir_hint
+
+    typer.echo(f"Track it: {logdir_hint(Path(target))}")
 
 
 def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
@@ -141,13 +144,14 @@ def train_cmd(
 ) -> None:
     """Train what the run still misses: base checkpoint, phase 1, phase 2, baselines (resumable).
 
-    On GPUs launch through DeepSpeed: deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR
+    Several ranks: torchrun --nproc_per_node N -m rotelab.cli train CONFIG|DIR --run-dir DIR (CPU: gloo);
+    on GPUs also deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR --run-dir DIR
     """
-    from rotelab.run import Run
     from rotelab.runlock import run_lock
     from rotelab.train import train_run
+    from rotelab.train.engine import open_run_ranked
 
-    r = Run.from_target(target, run)
+    r = open_run_ranked(target, run)
     with run_lock(r.root, "rotelab train"):
         entries = train_run(r, progress=not no_progress)
     typer.echo(f"{r.root}: {len(entries)} checkpoints ({', '.join(e.id for e in entries[:3])}{', …' if len(entries) > 3 else ''})")
@@ -180,6 +184,10 @@ def eval_cmd(
             train_run(r, progress=not no_progress)
     sh = Shard.parse(shard)
     table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
+    if sh.count == 1:  # shards write only their own cells; the unsharded eval (or rotelab run) tracks
+        from rotelab.pipeline import track_eval
+
+        track_eval(r)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
         typer.echo(format_summary(r, e.id, table))
