@@ -121,19 +121,22 @@ def capture(
     no_progress: NoProgress = False,
 ) -> None:
     """Capture the last prompt token's hidden state at every layer into the run's store (resumable)."""
-    from rotelab.probe.capture import capture_run, parse_shard
+    from rotelab.probe.capture import capture_run, parse_shard, shard_from_env
     from rotelab.run import Run
+    from rotelab.runlock import shard_lock
 
     r = Run.from_target(target, run)
-    capture_run(
-        r,
-        checkpoints=_csv(checkpoints),
-        kinds=_csv(kinds),
-        layers=_int_list(layers, "--layers"),
-        items=_int_list(items, "--items"),
-        shard=parse_shard(shard) if shard else None,
-        progress=not no_progress,
-    )
+    sh = parse_shard(shard) if shard else shard_from_env()
+    with shard_lock(r.root, "rotelab capture" + (f" --shard {sh[0]}/{sh[1]}" if sh else ""), *(sh or (0, 1))):
+        capture_run(
+            r,
+            checkpoints=_csv(checkpoints),
+            kinds=_csv(kinds),
+            layers=_int_list(layers, "--layers"),
+            items=_int_list(items, "--items"),
+            shard=sh,
+            progress=not no_progress,
+        )
 
 
 @app.command("train")
@@ -164,7 +167,7 @@ def eval_cmd(
     engine: Annotated[Optional[str], typer.Option(help="vllm, hf or auto (default: eval.engine).")] = None,
     checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
     kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: eval.kinds or all).")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i (default: RANK/WORLD_SIZE if set).")] = None,
     redo: Annotated[bool, typer.Option("--redo", help="Recompute the selected units even where the store has them.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -173,7 +176,9 @@ def eval_cmd(
     selected); prints a summary per checkpoint (kinds × metrics, train vs held-out facts)."""
     from rotelab.probe.accuracy import Shard, evaluate_run, select_checkpoints
     from rotelab.probe.accuracy_tables import format_summary
+    from rotelab.probe.capture import shard_from_env
     from rotelab.run import Run
+    from rotelab.runlock import shard_lock
 
     r = Run.from_target(target, run)
     if not r.checkpoints() and not Path(target).is_dir():
@@ -182,12 +187,14 @@ def eval_cmd(
 
         with run_lock(r.root, "rotelab eval (training first)"):
             train_run(r, progress=not no_progress)
-    sh = Shard.parse(shard)
-    table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
-    if sh.count == 1:  # shards write only their own cells; the unsharded eval (or rotelab run) tracks
-        from rotelab.pipeline import track_eval
+    env = shard_from_env()
+    sh = Shard.parse(shard) if shard else (Shard(*env) if env else Shard())
+    with shard_lock(r.root, "rotelab eval" + (f" --shard {sh.index}/{sh.count}" if sh.count > 1 else ""), sh.index, sh.count):
+        table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
+        if sh.count == 1:  # shards write only their own cells; the unsharded eval (or rotelab run) tracks
+            from rotelab.pipeline import track_eval
 
-        track_eval(r)
+            track_eval(r)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
         typer.echo(format_summary(r, e.id, table))
