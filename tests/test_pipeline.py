@@ -153,3 +153,28 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "phase2.k=500" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_keep_weights_drops_only_after_eval_capture_and_analyze(tmp_path: Path, monkeypatch) -> None:
+    """The pipeline rule of train.keep_weights: every stage that reads weights (eval, capture,
+    analyze) sees all of them; the drop happens after them, and not at all when this invocation
+    did not run all three."""
+    from fixtures_runs import make_tiny_run
+
+    from rotelab import pipeline
+
+    run = make_tiny_run(tmp_path, n_checkpoints=4, config={"train": {"keep_weights": "final"}})
+    seen: list[tuple[str, int]] = []
+
+    def fake(name):
+        def f(r):
+            seen.append((name, sum(1 for e in r.checkpoints() if e.path is not None and (r.root / e.path / "model.safetensors").is_file())))
+        return f
+
+    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress: {s: fake(s) for s in pipeline.STAGES})
+    pipeline.run_pipeline(run, stages=("train", "eval", "capture"), echo=lambda m: None)
+    assert all(e.path is not None for e in run.checkpoints())
+    pipeline.run_pipeline(run, echo=lambda m: None)
+    assert [n for s, n in seen if s in ("eval", "capture", "analyze")] == [4] * 5
+    assert [e.id for e in run.checkpoints() if e.path is not None] == ["base", "p1-e03"]
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["base", "index.json", "p1-e03"]
