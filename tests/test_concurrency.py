@@ -157,9 +157,10 @@ def _store_arrays(run_dir: Path) -> dict[tuple[str, str], "object"]:
     """Every kind's activations, final_norm and per-item eval arrays, read through the store API."""
     import numpy as np
 
+    from rotelab.run import Run
     from rotelab.store import Store
 
-    store = Store.open(run_dir / "store", mode="r")
+    store = Store.open(Run.open(run_dir).store_path, mode="r")
     out = {}
     for kind in store.kinds():
         g = store.kind(kind)
