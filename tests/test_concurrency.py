@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cli_helpers import cli_env, error_line, popen, rotelab
@@ -200,6 +201,7 @@ def _tiny_series(tmp_path: Path, names: list[str]) -> list[Path]:
     return out
 
 
+@pytest.mark.slow  # several real rotelab processes (~20 s start each on 2 cores)
 def test_sharded_eval_and_capture_started_together_equal_one_process(tmp_path: Path) -> None:
     """`--shard 0/2` and `--shard 1/2` started at the same moment on a fresh store (both create the
     layout), and the torchrun form (RANK/WORLD_SIZE), give exactly the unsharded run's arrays."""
@@ -220,6 +222,7 @@ def test_sharded_eval_and_capture_started_together_equal_one_process(tmp_path: P
     _assert_same_store(launched, whole)
 
 
+@pytest.mark.slow  # several real rotelab processes (~20 s start each on 2 cores)
 def test_a_third_process_beside_shards_is_refused_at_once(tmp_path: Path) -> None:
     """While shard 0/2 of a run is held by a live process: the same shard again, a shard of another
     count, an unsharded capture and a whole-run writer (analyze) each fail at once with one line;
