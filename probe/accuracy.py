@@ -338,10 +338,13 @@ def evaluate_run(
     stops = stop_token_ids(tokenizer)
     n_layers = model_shape(first).n_layers
 
-    store = Store.open(run.store_path, fingerprint=fingerprint)
-    groups = {
-        k: store.ensure_kind(k, checkpoints=ids, layers=list(range(n_layers + 1)), items=run.items(k)) for k in todo_kinds
-    }
+    from rotelab.runlock import store_layout_lock
+
+    with store_layout_lock(run.root):  # shards started together: one at a time creates/grows the layout
+        store = Store.open(run.store_path, fingerprint=fingerprint)
+        groups = {
+            k: store.ensure_kind(k, checkpoints=ids, layers=list(range(n_layers + 1)), items=run.items(k)) for k in todo_kinds
+        }
     bar = None
     if progress and todo:
         from tqdm import tqdm

@@ -298,23 +298,26 @@ def capture_run(
             raise RotelabError(
                 f"{run.data_dir}: prompt kind {kind!r} has no items (check data.templates_per_kind and the relations' templates)"
             )
-    store = Store.open(run.store_path, fingerprint=run.fingerprint())
+    from rotelab.runlock import store_layout_lock
+
     all_ids = [e.id for e in entries]
     works: list[_KindWork] = []
     try:
-        for kind, table in tables.items():
-            kg = store.ensure_kind(kind, checkpoints=all_ids, layers=list(range(n_layers + 1)), items=table, hidden=hidden)
-            ids = table["item"].to_numpy()
-            if items is None:
-                pos = np.arange(len(ids))
-            else:
-                want = set(int(x) for x in items)
-                pos = np.asarray([k for k, v in enumerate(ids.tolist()) if v in want], dtype=np.int64)
-                if len(pos) == 0:
-                    raise RotelabError(f"{run.root}: none of the requested items exist in kind {kind!r} (item ids 0..{len(ids) - 1})")
-            works.append(
-                _KindWork(kind, kg, ids[pos], pos, [str(t) for t in table["text"].to_numpy()[pos]], len(ids), items is not None)
-            )
+        with store_layout_lock(run.root):  # shards started together: one at a time creates/grows the layout
+            store = Store.open(run.store_path, fingerprint=run.fingerprint())
+            for kind, table in tables.items():
+                kg = store.ensure_kind(kind, checkpoints=all_ids, layers=list(range(n_layers + 1)), items=table, hidden=hidden)
+                ids = table["item"].to_numpy()
+                if items is None:
+                    pos = np.arange(len(ids))
+                else:
+                    want = set(int(x) for x in items)
+                    pos = np.asarray([k for k, v in enumerate(ids.tolist()) if v in want], dtype=np.int64)
+                    if len(pos) == 0:
+                        raise RotelabError(f"{run.root}: none of the requested items exist in kind {kind!r} (item ids 0..{len(ids) - 1})")
+                works.append(
+                    _KindWork(kind, kg, ids[pos], pos, [str(t) for t in table["text"].to_numpy()[pos]], len(ids), items is not None)
+                )
     except OSError as err:
         raise _disk_error(err, run.store_path, "the store layout") from None
 

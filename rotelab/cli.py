@@ -84,6 +84,9 @@ def run_cmd(
     roots = [str(r.run.root) for r in results]
     target = roots[0] if len(roots) == 1 else str(Path(roots[0]).parent)
     typer.echo(f"Browse it: rotelab tui {target}")
+    from rotelab.tracking import logdir_hint
+
+    typer.echo(f"Track it: {logdir_hint(Path(target))}")
 
 
 def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
@@ -122,21 +125,24 @@ def capture(
     from rotelab.probe.accuracy import Shard
     from rotelab.probe.capture import capture_run
     from rotelab.run import Run
+    from rotelab.runlock import shard_lock
 
     r = Run.from_target(target, run)
     sh = Shard.parse(shard) if shard else Shard.from_env()
     if sh is not None:
         _threads_for_shards(sh.count)
     run_prerequisites(r, "capture", sharded=sh is not None and sh.count > 1, progress=not no_progress, echo=typer.echo)
-    capture_run(
-        r,
-        checkpoints=_csv(checkpoints),
-        kinds=_csv(kinds),
-        layers=_int_list(layers, "--layers"),
-        items=_int_list(items, "--items"),
-        shard=sh,
-        progress=not no_progress,
-    )
+    where = f" --shard {sh.index}/{sh.count}" if sh is not None and sh.count > 1 else ""
+    with shard_lock(r.root, "rotelab capture" + where, *((sh.index, sh.count) if sh is not None else (0, 1))):
+        capture_run(
+            r,
+            checkpoints=_csv(checkpoints),
+            kinds=_csv(kinds),
+            layers=_int_list(layers, "--layers"),
+            items=_int_list(items, "--items"),
+            shard=sh,
+            progress=not no_progress,
+        )
 
 
 @app.command("train")
@@ -147,14 +153,15 @@ def train_cmd(
 ) -> None:
     """Train what the run still misses: base checkpoint, phase 1, phase 2, baselines (resumable).
 
-    On GPUs launch through DeepSpeed: deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR
+    Several ranks: torchrun --nproc_per_node N -m rotelab.cli train CONFIG|DIR --run-dir DIR (CPU: gloo);
+    on GPUs also deepspeed --num_gpus N --no_local_rank --module rotelab.cli train CONFIG|DIR --run-dir DIR
     """
     from rotelab.pipeline import run_prerequisites
-    from rotelab.run import Run
     from rotelab.runlock import run_lock
     from rotelab.train import train_run
+    from rotelab.train.engine import open_run_ranked
 
-    r = Run.from_target(target, run)
+    r = open_run_ranked(target, run)
     run_prerequisites(r, "train", progress=not no_progress, echo=typer.echo)
     with run_lock(r.root, "rotelab train"):
         entries = train_run(r, progress=not no_progress)
@@ -168,7 +175,7 @@ def eval_cmd(
     engine: Annotated[Optional[str], typer.Option(help="vllm, hf or auto (default: eval.engine).")] = None,
     checkpoints: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoint ids (default: all).")] = None,
     kinds: Annotated[Optional[str], typer.Option(help="Comma-separated prompt kinds (default: eval.kinds or all).")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: evaluate only checkpoints whose position % n == i (default: RANK/WORLD_SIZE if set).")] = None,
     redo: Annotated[bool, typer.Option("--redo", help="Recompute the selected units even where the store has them.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -179,12 +186,18 @@ def eval_cmd(
     from rotelab.probe.accuracy import Shard, evaluate_run, select_checkpoints
     from rotelab.probe.accuracy_tables import format_summary
     from rotelab.run import Run
+    from rotelab.runlock import shard_lock
 
     r = Run.from_target(target, run)
-    sh = Shard.parse(shard)
+    sh = Shard.parse(shard) if shard else (Shard.from_env() or Shard())
     _threads_for_shards(sh.count)
     run_prerequisites(r, "eval", sharded=sh.count > 1, progress=not no_progress, echo=typer.echo)
-    table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
+    with shard_lock(r.root, "rotelab eval" + (f" --shard {sh.index}/{sh.count}" if sh.count > 1 else ""), sh.index, sh.count):
+        table = evaluate_run(r, engine=engine, checkpoints=_csv(checkpoints), kinds=_csv(kinds), progress=not no_progress, shard=sh, redo=redo)
+        if sh.count == 1:  # shards write only their own cells; the unsharded eval (or rotelab run) tracks
+            from rotelab.pipeline import track_eval
+
+            track_eval(r)
     for e in select_checkpoints(r, _csv(checkpoints), sh):
         typer.echo("")
         typer.echo(format_summary(r, e.id, table))

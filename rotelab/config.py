@@ -163,8 +163,11 @@ class BaselinesConfig(_Section):
 class TrainConfig(_Section):
     deepspeed: str | None = setting(None)
     """A DeepSpeed JSON config; default: the shipped ZeRO-0 config on CPU, ZeRO-2 bf16 on GPU."""
-    keep_weights: Literal["all", "latest"] | int = setting("all")
-    """Keep the weights of all points, every n-th (an int), or only the latest."""
+    keep_weights: Literal["all", "latest", "final"] | int = setting("all")
+    """Which weights ``rotelab run`` keeps once eval, capture and the analyses have read them
+    (:func:`rotelab.train.pipeline.prune_consumed_weights`): all points, every n-th (an int) or
+    ``latest`` (each plus base, the phase-2 start and the last point of every stage), or ``final``
+    (base and the last point of every series only). Weights a sweep sibling links to are kept."""
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_length: int = Field(64, ge=8)

@@ -71,6 +71,7 @@ def _stage_functions(progress: bool) -> dict[str, Callable[[Run], object]]:
         from rotelab.probe import evaluate_run
 
         evaluate_run(run, progress=progress)
+        track_eval(run)
 
     def capture(run: Run) -> None:
         from rotelab.probe import capture_run
@@ -93,6 +94,27 @@ def _stage_functions(progress: bool) -> dict[str, Callable[[Run], object]]:
         write_summary(run)
 
     return {"data": data, "train": train, "eval": eval_, "capture": capture, "analyze": analyze, "figures": figures, "summary": summary}
+
+
+def track_eval(run: Run) -> None:
+    """Write the run's per-checkpoint eval metrics as TensorBoard scalars
+    (:func:`rotelab.tracking.write_eval_scalars`): ``<metric>/<kind>/<split>`` for object
+    probability, MC accuracy and generation accuracy, at step = the checkpoint's ``total_tokens``."""
+    import math
+
+    from rotelab.probe.accuracy_tables import SUMMARY_METRICS, metrics_table
+    from rotelab.tracking import write_eval_scalars
+    from rotelab.train.pipeline import total_tokens
+
+    entries = {e.id: e for e in run.checkpoints()}
+    steps = {cid: total_tokens(run, cid) for cid in entries}
+    rows = [
+        (entries[r.checkpoint].series, f"{r.metric}/{r.kind}/{r.split}", steps[r.checkpoint], float(r.value))
+        for r in metrics_table(run).itertuples(index=False)
+        if r.metric in SUMMARY_METRICS and r.checkpoint in entries and not math.isnan(float(r.value))
+    ]
+    if rows:
+        write_eval_scalars(run.root, rows)
 
 
 def run_pipeline(
@@ -125,6 +147,12 @@ def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callabl
         fns[stage](run)
         result.timings.append(StageTiming(stage, time.perf_counter() - t0))
         echo(f"   {stage} done in {_fmt(result.timings[-1].seconds)}")
+    if {"eval", "capture", "analyze"} <= set(stages):  # every consumer of the weights is done
+        from rotelab.train.pipeline import prune_consumed_weights
+
+        dropped = prune_consumed_weights(run)
+        if dropped:
+            echo(f"   train.keep_weights: {run.config.train.keep_weights} — dropped the weights of {len(dropped)} checkpoints ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''})")
     if "summary" in stages and run.summary_path.is_file():
         result.summary = run.summary_path.read_text(encoding="utf-8")
     echo(f"── all stages done in {_fmt(time.perf_counter() - t_all)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 from datetime import datetime, timezone
@@ -135,15 +136,21 @@ class Run:
         return cls(root, config_from_dict(upgrade_stored_config(data), str(cfg_path)))
 
     @classmethod
-    def from_target(cls, target: str | Path, run_dir: str | Path | None = None) -> "Run":
-        """A CLI target: a config file (create or reuse ``run_dir``) or a run directory."""
+    def from_target(cls, target: str | Path, run_dir: str | Path | None = None, *, write: bool = True) -> "Run":
+        """A CLI target: a config file (create or reuse ``run_dir``) or a run directory.
+
+        ``write=False`` (a rank > 0 of a launch, after rank 0 created the run): open the run the
+        config names without writing its config or data."""
         t = Path(target)
         if t.is_dir():
             if run_dir is not None and Path(run_dir).resolve() != t.resolve():
                 raise RotelabError(f"{t}: --run given together with a run directory")
             return cls.open(t)
         if t.suffix in (".yaml", ".yml") or t.is_file():
-            return cls.create(load_config(t), run_dir)
+            config = load_config(t)
+            if not write:
+                return cls.open(Path(run_dir) if run_dir is not None else Path("runs") / config.name)
+            return cls.create(config, run_dir)
         raise RotelabError(f"{t}: neither a config file nor a run directory")
 
     def write_config(self) -> None:
@@ -301,10 +308,22 @@ class Run:
         if e.path is None:
             raise RotelabError(f"{self.index_path}: weights of checkpoint {e.id!r} were not kept (train.keep_weights)")
         p = self.root / e.path
+        if p.is_symlink() and not p.exists():
+            p = self._relocated_link(p) or p
         if not (p / "config.json").is_file():
             raise RotelabError(f"{p}: checkpoint folder of {e.id!r} is missing or incomplete")
         verify_weights(p, e.id)
         return p
+
+    def _relocated_link(self, link: Path) -> Path | None:
+        """A broken *absolute* link ``…/<sibling>/checkpoints/<id>`` (written by rotelab before
+        links were relative) after the runs folder moved: the same sibling in this run's runs
+        folder, if it is there."""
+        target = Path(os.readlink(link))
+        if not target.is_absolute() or len(target.parts) < 3 or target.parts[-2] != "checkpoints":
+            return None
+        here = self.root.parent / target.parts[-3] / "checkpoints" / target.parts[-1]
+        return here if here.is_dir() else None
 
     def fingerprint(self) -> dict[str, str]:
         """What a store written for this run must match, so that a store is only ever reused by

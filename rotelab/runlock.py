@@ -9,8 +9,21 @@ whose content says who holds it. A second writer fails at once with one line::
 The kernel releases the lock when its holder dies (kill -9 included), so a stale lock of a dead
 process is simply taken over. The lock is re-entrant within a process (``rotelab run`` holds it
 across stages that take it again). Under a launcher only rank 0 takes it (the ranks of one launch
-are one writer). Stages that write only their own cells (sharded ``eval`` / ``capture``) do not
-take it and may run beside a writer.
+are one writer).
+
+Sharded ``eval`` / ``capture`` (``--shard i/n``, or ``RANK``/``WORLD_SIZE`` of ``torchrun``) write
+only their own checkpoints' cells, so several run at once: each holds the run lock *shared* and
+its own shard lock ``.rotelab.shard-<i>-of-<n>.lock`` exclusively (:func:`shard_lock`). The rule
+(decided: a clear error, at once, never a wait or a corrupt store):
+
+* shards ``0/n … n-1/n`` run together; a second process for the same shard is refused;
+* a shard of another count ``m ≠ n`` while shards of ``n`` run is refused (its cells overlap);
+* a whole-run writer (``rotelab run``/``train``/``analyze``/``figures``, an unsharded ``eval``
+  or ``capture``) is refused while shards run, and shards are refused while it runs.
+
+:func:`store_layout_lock` serialises the creation and growth of the store's layout (groups,
+coordinates, resizes) between processes that start at the same moment; it waits (a layout step
+takes well under a second), then each process writes its own cells unlocked.
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ def run_lock(root: str | Path, what: str) -> Iterator[None]:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RotelabError(f"{root / LOCK_NAME}: cannot lock the run ({err.strerror})") from None
             raise RotelabError(
-                f"run {root} is being written by {_holder(fd)}; wait for it to finish or stop it"
+                f"run {root} is being written by {_holder(fd) if os.fstat(fd).st_size else _shard_holders(root)}; wait for it to finish or stop it"
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -78,3 +91,93 @@ def run_lock(root: str | Path, what: str) -> Iterator[None]:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
+
+
+SHARD_LOCK = ".rotelab.shard-{i}-of-{n}.lock"
+LAYOUT_LOCK = ".rotelab.layout.lock"
+
+
+def _shard_files(root: Path) -> list[Path]:
+    return sorted(root.glob(".rotelab.shard-*-of-*.lock"))
+
+
+def _held_by_other(path: Path) -> bool:
+    """Whether a live process holds ``path``'s flock (tested by taking and dropping it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _shard_holders(root: Path) -> str:
+    live = []
+    for f in _shard_files(root):
+        if _held_by_other(f):
+            try:
+                info = json.loads(f.read_text() or "{}")
+                live.append(f"pid {info.get('pid', '?')} ({info.get('what', '?')})")
+            except (OSError, ValueError):
+                live.append(f.name)
+    return "shards " + ", ".join(live) if live else "another process"
+
+
+@contextmanager
+def shard_lock(root: str | Path, what: str, index: int, count: int) -> Iterator[None]:
+    """Hold run ``root`` as shard ``index``/``count`` of a sharded eval/capture (module docstring);
+    a one-line :class:`RotelabError` when the rule refuses it. ``count == 1`` is the whole run:
+    :func:`run_lock`."""
+    root = Path(root)
+    if count == 1:
+        with run_lock(root, what):
+            yield
+        return
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise RotelabError(f"run {root} is being written by {_holder(fd)}; shards wait for it to finish") from None
+        mine = root / SHARD_LOCK.format(i=index, n=count)
+        for other in _shard_files(root):
+            n_other = other.name.rsplit("-of-", 1)[1].split(".")[0]
+            if other != mine and n_other != str(count) and _held_by_other(other):
+                raise RotelabError(f"run {root}: shards of another count run now ({other.name}); all shards of a run share one n, not {count}")
+        sfd = os.open(mine, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(sfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RotelabError(f"run {root}: shard {index}/{count} is already being written by {_holder(sfd)}") from None
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                    "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            os.ftruncate(sfd, 0)
+            os.pwrite(sfd, json.dumps(info).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(sfd, 0)
+        finally:
+            os.close(sfd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def store_layout_lock(root: str | Path) -> Iterator[None]:
+    """Exclusive, waiting lock for creating or growing run ``root``'s store layout (module docstring)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LAYOUT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cli_helpers import cli_env, error_line, popen, rotelab
@@ -148,3 +149,104 @@ def test_concurrent_table_writers_and_a_reader_never_break_the_table(tmp_path: P
     assert df is not None and df["i"].iloc[0] == 24  # the last write of one of the writers
     versions = [d for d in (store / "tables" / "alignment").iterdir() if d.is_dir()]
     assert len(versions) <= 2, versions
+
+
+# ----------------------------------------------------------------------------- sharded eval and capture
+
+
+def _store_arrays(run_dir: Path) -> dict[tuple[str, str], "object"]:
+    """Every kind's activations, final_norm and per-item eval arrays, read through the store API."""
+    import numpy as np
+
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    store = Store.open(Run.open(run_dir).store_path, mode="r")
+    out = {}
+    for kind in store.kinds():
+        g = store.kind(kind)
+        out[(kind, "activations")] = np.asarray(g.read_activations())
+        out[(kind, "final_norm")] = np.asarray(g.read_final_norm())
+        for name in g.item_arrays():
+            out[(kind, name)] = np.asarray(g.read_item_array(name))
+    return out
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    import numpy as np
+
+    sa, sb = _store_arrays(a), _store_arrays(b)
+    assert set(sa) == set(sb) and any(k[1] == "object_prob" for k in sa) and any(k[1] == "activations" for k in sa)
+    for key, va in sa.items():
+        vb = sb[key]
+        assert va.shape == vb.shape, key
+        if va.dtype.kind in "fc":
+            assert np.isfinite(va).all(), (key, "a cell was left unwritten")
+            assert np.array_equal(va, vb, equal_nan=True), key
+        else:
+            assert (va == vb).all(), key
+
+
+def _tiny_series(tmp_path: Path, names: list[str]) -> list[Path]:
+    """Copies of one 4-checkpoint tiny run (fixtures_runs), no store yet."""
+    import shutil
+
+    from fixtures_runs import make_tiny_run
+
+    src = make_tiny_run(tmp_path / "src", n_checkpoints=4).root
+    out = []
+    for n in names:
+        shutil.copytree(src, tmp_path / n, symlinks=True)
+        out.append(tmp_path / n)
+    return out
+
+
+@pytest.mark.slow  # several real rotelab processes (~20 s start each on 2 cores)
+def test_sharded_eval_and_capture_started_together_equal_one_process(tmp_path: Path) -> None:
+    """`--shard 0/2` and `--shard 1/2` started at the same moment on a fresh store (both create the
+    layout), and the torchrun form (RANK/WORLD_SIZE), give exactly the unsharded run's arrays."""
+    import shutil
+
+    whole, pair, launched = _tiny_series(tmp_path, ["whole", "pair", "launched"])
+    for stage in ("eval", "capture"):
+        assert rotelab(stage, whole, "--no-progress").returncode == 0
+        procs = [popen(stage, pair, "--shard", f"{i}/2", "--no-progress") for i in (0, 1)]
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+        torchrun = Path(sys.executable).parent / "torchrun"
+        cmd = [str(torchrun if torchrun.is_file() else shutil.which("torchrun")), "--nproc_per_node", "2", "-m", "rotelab.cli", stage, str(launched), "--no-progress"]
+        out = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_store(pair, whole)
+    _assert_same_store(launched, whole)
+
+
+@pytest.mark.slow  # several real rotelab processes (~20 s start each on 2 cores)
+def test_a_third_process_beside_shards_is_refused_at_once(tmp_path: Path) -> None:
+    """While shard 0/2 of a run is held by a live process: the same shard again, a shard of another
+    count, an unsharded capture and a whole-run writer (analyze) each fail at once with one line;
+    the other shard runs; once the holder is gone everything works again."""
+    (run,) = _tiny_series(tmp_path, ["run"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from rotelab.runlock import shard_lock
+            with shard_lock({str(run)!r}, "rotelab capture --shard 0/2", 0, 2):
+                print("held", flush=True)
+                time.sleep(600)
+        """)], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert re.search(r"shard 0/2 is already being written by pid \d+", error_line(rotelab("capture", run, "--shard", "0/2", "--no-progress")))
+        assert "another count" in error_line(rotelab("capture", run, "--shard", "1/3", "--no-progress"))
+        for args in (("capture", run), ("eval", run), ("analyze", run)):
+            line = error_line(rotelab(*args, "--no-progress"))
+            assert f"run {run} is being written by shards pid {holder.pid}" in line, (args, line)
+        ok = rotelab("capture", run, "--shard", "1/2", "--no-progress")
+        assert ok.returncode == 0, ok.stderr[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    ok = rotelab("capture", run, "--no-progress")
+    assert ok.returncode == 0, ok.stderr[-3000:]

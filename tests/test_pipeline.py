@@ -89,6 +89,51 @@ def test_figures_and_summary(tiny_run) -> None:
     assert "rotelab tui" in proc.stdout
 
 
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a TensorBoard run folder, read by tensorboard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(ev.step, ev.value) for ev in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_tracks_training_and_eval(tiny_run) -> None:
+    """DeepSpeed's monitor wrote per-step loss and lr of both phases; eval wrote object prob, MC and
+    generation accuracy per kind × split at step = total_tokens. References: the loss log the
+    trainer wrote row by row, the index's total_tokens, and the store's per-item arrays."""
+    run_dir, proc = tiny_run
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout
+    rows = [ln.split(",") for ln in (run_dir / "logs" / "train_loss.csv").read_text().splitlines()[1:]]
+    for stage in ("phase1", "phase2"):
+        sc = _scalars(run_dir / "tensorboard" / stage)
+        assert {"Train/Steps/loss", "Train/Steps/lr", "Train/Samples/lr"} <= set(sc), (stage, sorted(sc))
+        want = [(int(r[1]), float(r[3])) for r in rows if r[0] == stage]
+        got = sc["Train/Steps/loss"]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
+        assert [v for _, v in sc["Train/Steps/lr"]] == pytest.approx([float(r[4]) for r in rows if r[0] == stage], rel=1e-3)
+        assert any((run_dir / "logs" / "csv_monitor" / stage).glob("*.csv")), stage
+    run = Run.open(run_dir)
+    entries = run.checkpoints()
+    ev = _scalars(run_dir / "tensorboard" / "eval-main")
+    for kind in run.kinds():
+        for metric in ("object_prob", "mc_correct", "gen_correct"):
+            for split in ("train", "heldout", "all"):
+                assert f"{metric}/{kind}/{split}" in ev, (metric, kind, split)
+    group = Store.open(run.store_path, mode="r").kind("key")
+    probs = group.read_item_array("object_prob")  # [checkpoint, item]
+    series = ev["object_prob/key/all"]
+    assert [s for s, _ in series] == [e.total_tokens for e in entries]
+    assert entries[-1].total_tokens > entries[3].total_tokens > 0
+    by_id = {e.total_tokens: e.id for e in entries}
+    for step, value in series:
+        assert value == pytest.approx(float(probs[group.checkpoints.index(by_id[step])].mean()), rel=1e-5)
+
+
 def test_rerun_does_nothing_new(tiny_run) -> None:
     run_dir, _ = tiny_run
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*.safetensors")}
@@ -108,3 +153,28 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "phase2.k=500" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_keep_weights_drops_only_after_eval_capture_and_analyze(tmp_path: Path, monkeypatch) -> None:
+    """The pipeline rule of train.keep_weights: every stage that reads weights (eval, capture,
+    analyze) sees all of them; the drop happens after them, and not at all when this invocation
+    did not run all three."""
+    from fixtures_runs import make_tiny_run
+
+    from rotelab import pipeline
+
+    run = make_tiny_run(tmp_path, n_checkpoints=4, config={"train": {"keep_weights": "final"}})
+    seen: list[tuple[str, int]] = []
+
+    def fake(name):
+        def f(r):
+            seen.append((name, sum(1 for e in r.checkpoints() if e.path is not None and (r.root / e.path / "model.safetensors").is_file())))
+        return f
+
+    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress: {s: fake(s) for s in pipeline.STAGES})
+    pipeline.run_pipeline(run, stages=("train", "eval", "capture"), echo=lambda m: None)
+    assert all(e.path is not None for e in run.checkpoints())
+    pipeline.run_pipeline(run, echo=lambda m: None)
+    assert [n for s, n in seen if s in ("eval", "capture", "analyze")] == [4] * 5
+    assert [e.id for e in run.checkpoints() if e.path is not None] == ["base", "p1-e03"]
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["base", "index.json", "p1-e03"]

@@ -255,6 +255,16 @@ def test_series_index_and_checkpoints(tmp_path: Path) -> None:
     assert len(rows) == 6 + 6 + 18
     # phase 1 learnt something: its loss went down
     assert entries[2].loss < entries[1].loss
+    # the plan made before training (disk estimate) names exactly the points written
+    from rotelab.train.pipeline import disk_estimate, planned_points
+
+    assert planned_points(run) == [e.id for e in entries]
+    base_model, _ = load_model(str(run.checkpoint_dir("base")), "float32")
+    n = sum(p.numel() for p in base_model.parameters())
+    line = disk_estimate(run)
+    assert f"7 checkpoints × {n / 1e6:.1f}M parameters × 4 bytes" in line and f"= {7 * n * 4 / 1e9:.2f} GB" in line
+    weights_bytes = (run.checkpoint_dir("base") / "model.safetensors").stat().st_size
+    assert abs(weights_bytes - 4 * n) < 0.01 * weights_bytes  # the estimate is the file size up to its header
     # a second call does nothing
     before = run.index_path.read_bytes()
     assert [e.id for e in train_run(run, progress=False)] == [e.id for e in entries]
@@ -276,18 +286,30 @@ def test_phase2_starts_from_the_requested_checkpoint(tmp_path: Path) -> None:
 def test_save_every_steps_and_keep_weights(tmp_path: Path) -> None:
     from rotelab.train import train_run
 
-    run = make_run(tmp_path, phase1__epochs=3, phase1__save_every=2, phase2__epochs=3, train={"keep_weights": "latest"})
+    from rotelab.train.pipeline import prune_consumed_weights
+
+    run = make_run(tmp_path, phase1__epochs=3, phase1__save_every=2, phase2__epochs=3, phase2__start="p1-s000004",
+                   train={"keep_weights": "latest"})
     entries = train_run(run, progress=False)
     ids = [e.id for e in entries]
     assert ids == ["base", "p1-s000002", "p1-s000004", "p1-s000006", "p1-s000008", "p1-s000009", "p2-e01", "p2-e02", "p2-e03"]
-    kept = {e.id for e in entries if e.path is not None}
-    assert kept == {"base", "p1-s000009", "p2-e03"}
+    # training itself drops nothing: eval and capture have not read the weights yet
+    assert all(e.path is not None for e in entries) and len(list(run.checkpoints_dir.glob("*/model.safetensors"))) == 9
+    assert prune_consumed_weights(run) == ["p1-s000002", "p1-s000006", "p1-s000008", "p2-e01", "p2-e02"]
+    kept = {e.id for e in run.checkpoints() if e.path is not None}
+    assert kept == {"base", "p1-s000004", "p1-s000009", "p2-e03"}  # base, the phase-2 start, each stage's end
     assert {p.name for p in run.checkpoints_dir.iterdir()} == kept | {"index.json"}
     assert entries[3].epoch == pytest.approx(2.0)
 
+    run3 = make_run(tmp_path, "t3", phase1__epochs=3, phase2__epochs=2, train={"keep_weights": "final"})
+    train_run(run3, progress=False)
+    assert prune_consumed_weights(run3) == ["p1-e01", "p1-e02", "p1-e03", "p2-e01"]
+    assert [e.id for e in run3.checkpoints() if e.path is not None] == ["base", "p2-e02"]
+
     run2 = make_run(tmp_path, "t2", phase1__epochs=5, phase2__enabled=False, train={"keep_weights": 2})
-    kept2 = [e.id for e in train_run(run2, progress=False) if e.path is not None]
-    assert kept2 == ["base", "p1-e02", "p1-e04", "p1-e05"]
+    train_run(run2, progress=False)
+    prune_consumed_weights(run2)
+    assert [e.id for e in run2.checkpoints() if e.path is not None] == ["base", "p1-e02", "p1-e04", "p1-e05"]
 
 
 def test_import_phase1_shares_checkpoints(tmp_path: Path) -> None:
@@ -308,6 +330,54 @@ def test_import_phase1_shares_checkpoints(tmp_path: Path) -> None:
     assert phase1_key(c.config) != phase1_key(a.config)
     with pytest.raises(RotelabError, match="cannot import phase 1"):
         import_phase1(c, a)
+
+
+def test_shared_phase1_survives_mv_and_cp_and_is_never_pruned(tmp_path: Path) -> None:
+    """Sweep siblings link phase 1 relatively: `mv runs runs-old` and `cp -a` keep every sibling
+    readable; an old absolute link is found again in the moved runs folder; pruning the owner
+    keeps the folders a sibling links to."""
+    import os
+    import subprocess
+
+    from rotelab.checkpoints import verify_weights
+    from rotelab.train import import_phase1, train_run
+    from rotelab.train.series import prune_weights
+
+    runs = tmp_path / "runs"
+    a = make_run(runs, "a", phase1__epochs=3)
+    train_run(a, progress=False)
+    b = make_run(runs, "b", phase1__epochs=3, phase2__lr=5e-4)
+    import_phase1(b, a)
+    link = b.checkpoints_dir / "p1-e02"
+    assert link.is_symlink() and not os.readlink(link).startswith("/")
+    # an old-style absolute link, as rotelab wrote them before
+    legacy = make_run(runs, "legacy", phase1__epochs=3, phase2__lr=2e-4)
+    import_phase1(legacy, a)
+    for e in legacy.checkpoints():
+        p = legacy.root / e.path
+        target = p.resolve()
+        p.unlink()
+        p.symlink_to(target, target_is_directory=True)
+    expect = {e.id: (a.checkpoints_dir / e.id / "model.safetensors").read_bytes() for e in a.checkpoints() if e.phase in ("base", "phase1")}
+
+    subprocess.run(["mv", str(runs), str(tmp_path / "runs-old")], check=True)
+    subprocess.run(["cp", "-a", str(tmp_path / "runs-old"), str(tmp_path / "runs-copy")], check=True)
+    for folder in ("runs-old", "runs-copy"):
+        for name in ("b", "legacy"):
+            sib = Run.open(tmp_path / folder / name)
+            for ckpt, data in expect.items():
+                d = sib.checkpoint_dir(ckpt)
+                assert (d / "model.safetensors").read_bytes() == data, (folder, name, ckpt)
+                assert str(d.resolve()).startswith(str((tmp_path / folder).resolve())), "the copy still points into the old folder"
+                verify_weights(d, ckpt, sib.checkpoint(ckpt).sha256)
+    # pruning the owner (as keep_weights would) keeps what the siblings use
+    owner = Run.open(tmp_path / "runs-old" / "a")
+    dropped = prune_weights(owner, "latest", set())
+    assert dropped == ["p2-e01"]  # phase 1 is linked by b and legacy; base and group ends are kept anyway
+    assert (owner.checkpoints_dir / "p1-e01" / "model.safetensors").is_file()
+    sib = Run.open(tmp_path / "runs-old" / "b")
+    for ckpt in expect:
+        sib.checkpoint_dir(ckpt)
 
 
 # ----------------------------------------------------------------------------- bad input

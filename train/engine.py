@@ -1,13 +1,17 @@
 """The DeepSpeed engine: distributed setup, config, optimizer, schedule and the loss of a micro-batch.
 
-CPU (no GPU): one process, ``gloo`` backend, ZeRO stage 0 from ``ds_zero0_cpu.json``; the
-environment variables ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` are set
-for a single process when absent (a free port is chosen). DeepSpeed would compile its shared-memory
-communication op (``deepspeed_shm_comm``, ≈1–3 min the first time, cached in
-``~/.cache/torch_extensions``) when it creates the torch backend; with one process that op has
-nothing to do, so it is switched off for single-process runs and nothing is compiled.
+CPU (no GPU): ``gloo`` backend, ZeRO stage 0 from ``ds_zero0_cpu.json`` unless ``train.deepspeed``
+names another (ZeRO-1/2/3 work on CPU too). One process: the environment variables
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` are set when absent (a free
+port is chosen). Several ranks on CPU: ``torchrun``, which sets them::
 
-GPUs: launch every rank through the DeepSpeed launcher, which sets the variables above, e.g.::
+    torchrun --nproc_per_node 2 -m rotelab.cli train CONFIG --run-dir DIR
+
+DeepSpeed would compile its shared-memory communication op (``deepspeed_shm_comm``) when it creates
+the torch backend; that op serves only inference all-reduces, so on CPU it is switched off and
+nothing is compiled.
+
+GPUs: launch every rank through the DeepSpeed launcher (or torchrun), which sets the variables above, e.g.::
 
     deepspeed --num_gpus 8 --no_local_rank --module rotelab.cli train configs/paper-qwen2.5-1.5b.yaml
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 --no_local_rank --module rotelab.cli train RUN_DIR
@@ -85,7 +89,10 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        # one process: DeepSpeed's shared-memory all-reduce op has nothing to do; do not compile it
+    if not has_gpu():
+        # DeepSpeed's shared-memory op serves only its inference_all_reduce; training's all-reduce
+        # is torch.distributed's (gloo). Do not compile it (1-3 min, and a build killed midway
+        # leaves a lock file that hangs every later CPU launch in torch's FileBaton).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     for attempt in range(5):
         try:
@@ -97,6 +104,25 @@ def init_distributed() -> None:
             os.environ["MASTER_PORT"] = str(_free_port())
     if has_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launched() -> bool:
+    """Started by a launcher with more than one rank (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def open_run_ranked(target, run_dir=None):
+    """:meth:`rotelab.run.Run.from_target` for every rank of a launch: rank 0 creates the run
+    (config, data) while the others wait at a barrier, then open it without writing. One process:
+    plain ``from_target``."""
+    from rotelab.run import Run
+
+    if not launched():
+        return Run.from_target(target, run_dir)
+    init_distributed()
+    run = Run.from_target(target, run_dir) if rank() == 0 else None
+    barrier()
+    return run if run is not None else Run.from_target(target, run_dir, write=False)
 
 
 def rank() -> int:
@@ -149,6 +175,26 @@ def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
 
     return f
+
+
+def monitor_sections(ds_config: dict[str, Any], run_root: Path, stage: str) -> dict[str, Any]:
+    """``ds_config`` with DeepSpeed's ``tensorboard`` and ``csv_monitor`` sections on by default:
+    ``<run>/tensorboard/<stage>/`` and ``<run>/logs/csv_monitor/<stage>/`` (see
+    :mod:`rotelab.tracking`). A section the config already has wins key by key, so
+    ``"tensorboard": {"enabled": false}`` turns TensorBoard off and ``output_path`` moves it."""
+    from rotelab.tracking import csv_monitor_dir, tensorboard_dir
+
+    cfg = dict(ds_config)
+    defaults = {"tensorboard": tensorboard_dir(run_root), "csv_monitor": csv_monitor_dir(run_root)}
+    for section, out in defaults.items():
+        cfg[section] = {"enabled": True, "output_path": str(out), "job_name": stage, **cfg.get(section, {})}
+    return cfg
+
+
+def write_step_events(engine, stage_step: int, loss: float, lr: float) -> None:
+    """Per-step loss and lr through the engine's own monitor (rank 0 writes; no-op when off)."""
+    if engine.monitor.enabled:
+        engine.monitor.write_events([("Train/Steps/loss", loss, stage_step), ("Train/Steps/lr", lr, stage_step)])
 
 
 def make_engine(model, ds_config: dict[str, Any], *, lr: float, weight_decay: float, micro_batch: int, grad_accum: int, total_steps: int, schedule: str, warmup_ratio: float):

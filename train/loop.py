@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class Stage:
     save_every: int | str
     start_dir: Path
     """Weights (and tokenizer) the stage starts from."""
-    protected: set[str] = field(default_factory=set)
     tokens_before: int = 0
     """Training tokens of the start point (its ``total_tokens``): this stage's points record
     ``total_tokens = tokens_before + tokens_seen``."""
@@ -186,6 +185,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
 
     cfg = run.config
     _, ds_cfg = eng.resolve_ds_config(cfg.train.deepspeed)
+    ds_cfg = eng.monitor_sections(ds_cfg, run.root, stage.name)
     zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
     world = eng.world_size() if _dist_ready() else 1
     model, tok = eng.load_for_training(stage.start_dir)
@@ -251,6 +251,7 @@ def run_stage(run: Run, stage: Stage, *, progress: bool = True, after_save=None)
         if rank == 0:
             _append_loss(run, {"stage": stage.name, "step": step + 1, "epoch": f"{(step + 1) / spe:.4f}", "loss": f"{step_loss:.6f}",
                                "lr": f"{lr:.3e}", "tokens_seen": tokens_seen, "seconds": f"{time.perf_counter() - t0:.2f}"})
+        eng.write_step_events(engine, step + 1, step_loss, lr)
         bar.update(1)
         bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{step_loss:.4f}", tok_s=f"{tok_count * world / max(1e-9, time.perf_counter() - t0):.0f}")
         if step + 1 in save_at:
@@ -289,7 +290,9 @@ def _all_reduce_sum(x: float) -> float:
 
 
 def _save_point(run: Run, stage: Stage, engine, tok, entry: CheckpointEntry, zero_stage: int, dtype: str) -> CheckpointEntry:
-    """Resume state → weights folder → index entry → cleanup (see :mod:`rotelab.train.series`)."""
+    """Resume state → weights folder → index entry → cleanup (see :mod:`rotelab.train.series`).
+    Weights are never dropped here: ``train.keep_weights`` applies once eval, capture and the
+    analyses have read them (:func:`rotelab.train.pipeline.prune_consumed_weights`)."""
     from dataclasses import replace
 
     rank = eng.rank()
@@ -308,6 +311,5 @@ def _save_point(run: Run, stage: Stage, engine, tok, entry: CheckpointEntry, zer
         for old in rdir.iterdir():
             if old.is_dir() and old.name != entry.id:
                 shutil.rmtree(old, ignore_errors=True)
-        series.prune_weights(run, run.config.train.keep_weights, stage.protected)
     eng.barrier()
     return entry

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -104,8 +105,7 @@ def phase1_stage(run: Run) -> Stage:
     tok = _tokenizer(run)
     texts = phase1_texts(run.facts, run.relations, p1.mode, run.split)
     examples = make_examples(tok, texts, p1.loss_mask, cfg.train.max_length)
-    return Stage.of("phase1", "p1", "main", examples, p1, run.checkpoint_dir("base"),
-                    protected={phase2_start_id(run)} if cfg.phase2.enabled else set())
+    return Stage.of("phase1", "p1", "main", examples, p1, run.checkpoint_dir("base"))
 
 
 def phase2_start_id(run: Run) -> str:
@@ -140,7 +140,7 @@ def _phase2_examples(run: Run, splits: tuple[str, ...] = ("train",)):
     return make_examples(tok, texts, p2.loss_mask, cfg.train.max_length)
 
 
-def _total_tokens(run: Run, ckpt_id: str) -> int:
+def total_tokens(run: Run, ckpt_id: str) -> int:
     """``total_tokens`` of a listed point (older indexes: the sum of ``tokens_seen`` of the main
     series up to it, which is the same number)."""
     entries = run.checkpoints()
@@ -169,7 +169,7 @@ def train_phase2(run: Run, start: str | None = None, *, progress: bool = True) -
     The start checkpoint must be listed with its weights; a run whose phase 2 already started from
     another checkpoint is an error.
     """
-    cfg, p2 = run.config, run.config.phase2
+    p2 = run.config.phase2
     start = start or phase2_start_id(run)
     listed = {e.id: e for e in read_index(run.index_path)}
     if start not in listed or listed[start].series != "main" or listed[start].phase not in ("base", "phase1"):
@@ -181,8 +181,8 @@ def train_phase2(run: Run, start: str | None = None, *, progress: bool = True) -
     start_dir = run.checkpoint_dir(start)
     if _rank() == 0 and prev != start:
         series.update_index(run, phase2_start=start)
-    stage = Stage.of("phase2", "p2", "main", _phase2_examples(run), p2, start_dir, protected={start},
-                     tokens_before=_total_tokens(run, start))
+    stage = Stage.of("phase2", "p2", "main", _phase2_examples(run), p2, start_dir,
+                     tokens_before=total_tokens(run, start))
     return run_stage(run, stage, progress=progress)
 
 
@@ -196,8 +196,8 @@ def train_inject(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     start = p2_points[-1]
     tok = _tokenizer(run)
     examples = make_examples(tok, inject_texts(run.facts, run.relations, run.split), inj.loss_mask, cfg.train.max_length)
-    stage = Stage.of("inject", "inj", "main", examples, inj, run.checkpoint_dir(start), protected={start.id},
-                     tokens_before=_total_tokens(run, start.id))
+    stage = Stage.of("inject", "inj", "main", examples, inj, run.checkpoint_dir(start),
+                     tokens_before=total_tokens(run, start.id))
     return run_stage(run, stage, progress=progress)
 
 
@@ -242,13 +242,68 @@ def validate(run: Run) -> None:
     _check_model(run)
 
 
-def train_run(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
+def planned_points(run: Run) -> list[str]:
+    """Every checkpoint id the train stage will have written when done: ``base``, phase 1,
+    phase 2, inject and the baselines (from example counts, without tokenizing)."""
+    cfg = run.config
+    facts, rels, split = run.facts, run.relations, run.split
+
+    def shape(name, prefix, n, sec) -> Stage:
+        return Stage(name, prefix, "", [None] * n, sec.epochs, sec.lr, sec.weight_decay, sec.batch_size, sec.grad_accum, sec.save_every, Path("."))  # type: ignore[list-item]
+
+    ids = ["base"]
+    if cfg.phase1.epochs:
+        ids += [pid for pid, _ in plan_points(_phase1_shape(run))]
+    p2 = cfg.phase2
+
+    def p2_count(splits: tuple[str, ...]) -> int:
+        return len(phase2_texts(facts, rels, split, p2.prompts, p2.kind, p2.repurpose, phase1_mode=cfg.phase1.mode, splits=splits))
+
+    if p2.enabled:
+        ids += [pid for pid, _ in plan_points(shape("phase2", "p2", p2_count(("train",)), p2))]
+    if cfg.inject.facts_per_relation:
+        ids += [pid for pid, _ in plan_points(shape("inject", "inj", len(inject_texts(facts, rels, split)), cfg.inject))]
+    if cfg.baselines.sft:
+        ids += [pid for pid, _ in plan_points(shape("sft", "sft", p2_count(("train", "heldout")), p2))]
+    if cfg.baselines.sft_k:
+        ids += [pid for pid, _ in plan_points(shape("sft-k", "sftk", p2_count(("train",)), p2))]
+    return ids
+
+
+def disk_estimate(run: Run) -> str:
+    """One line before training: planned checkpoints × parameters × bytes per parameter
+    (``model.dtype``), counted from the ``base`` checkpoint's safetensors header (embedding rows
+    of the added key tokens included), plus how many are already written or linked."""
+    from safetensors import safe_open
+
+    from rotelab.checkpoints import read_index
+
+    n_params = 0
+    for f in sorted(run.checkpoint_dir("base").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                n_params += math.prod(fh.get_slice(k).get_shape())
+    nbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[run.config.model.dtype]
+    points = planned_points(run)
+    listed = {e.id: e for e in read_index(run.index_path)}
+    linked = sum(1 for pid in points if pid in listed and listed[pid].path and (run.root / listed[pid].path).is_symlink())
+    per = n_params * nbytes
+    keep = run.config.train.keep_weights
+    return (f"disk: {len(points)} checkpoints × {n_params / 1e6:.1f}M parameters × {nbytes} bytes ({run.config.model.dtype}) "
+            f"= {len(points) * per / 1e9:.2f} GB ({per / 1e6:.0f} MB each; {linked} shared with a sibling; "
+            f"train.keep_weights: {keep})")
+
+
+def train_run(run: Run, *, progress: bool = True, note=print) -> list[CheckpointEntry]:
     """Everything the train stage still misses: data, base, phase 1, phase 2, baselines.
-    Returns the whole series (all series, index order)."""
+    Returns the whole series (all series, index order). ``note`` gets the disk estimate
+    (:func:`disk_estimate`, rank 0) before any stage trains."""
     validate(run)
     series.verify_last_points(run)
     eng.init_distributed()
     ensure_base_checkpoint(run)
+    if _rank() == 0:
+        note(disk_estimate(run))
     train_phase1(run, progress=progress)
     if run.config.phase2.enabled:
         train_phase2(run, progress=progress)
@@ -261,9 +316,34 @@ def train_run(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     return run.checkpoints()
 
 
+def prune_consumed_weights(run: Run) -> list[str]:
+    """The pipeline rule of ``train.keep_weights``: once eval, capture and the analyses (logit
+    lens, patching) have read every checkpoint, drop the weights the setting does not keep; returns
+    the ids dropped. ``rotelab run`` calls it after its ``analyze`` stage when the same invocation
+    also ran ``eval`` and ``capture`` — never before, and never from ``rotelab train``.
+
+    Always kept (what later stages and a new analysis may load): ``base`` (the patching target
+    and the untrained reference), the configured ``analyses.patching.checkpoints``, every folder a
+    sweep sibling links to, and with ``latest``/an int the phase-2 start and the last point of
+    every stage (the inject stage starts from the last phase-2 point), with ``final`` the last
+    point of every series only (the smallest set: a finished run needs no phase-2 start). A result a later
+    command asks for on a dropped checkpoint is an error naming ``train.keep_weights``.
+    """
+    keep = run.config.train.keep_weights
+    if keep == "all":
+        return []
+    protected = set()
+    start = series.read_extra(run).get("phase2_start")
+    if start and keep != "final":
+        protected.add(str(start))
+    if run.config.analyses.patching.enabled and run.config.analyses.patching.checkpoints:
+        protected |= {run.checkpoint(c).id for c in run.config.analyses.patching.checkpoints}
+    return series.prune_weights(run, keep, protected)
+
+
 def import_phase1(run: Run, source: Run) -> list[CheckpointEntry]:
-    """Make ``run`` reuse ``source``'s base and phase-1 checkpoints (symlinked folders, copied
-    index entries) instead of training them; the :func:`phase1_key` of both configs must match and
+    """Make ``run`` reuse ``source``'s base and phase-1 checkpoints (relative symlinks to its
+    folders, copied index entries) instead of training them; the :func:`phase1_key` of both configs must match and
     ``source``'s phase 1 must be complete. Returns the imported entries."""
     key = phase1_key(run.config)
     if phase1_key(source.config) != key:
@@ -288,7 +368,8 @@ def import_phase1(run: Run, source: Run) -> list[CheckpointEntry]:
                 if not (link.is_symlink() and link.resolve() == target):
                     raise RotelabError(f"{link}: run already has its own checkpoint {e.id!r}")
             else:
-                link.symlink_to(target, target_is_directory=True)
+                # relative: the link survives moving or copying the runs folder as a whole
+                link.symlink_to(os.path.relpath(target, link.parent.resolve()), target_is_directory=True)
             path = str(link.relative_to(run.root))
         out.append(replace(e, path=path))
     extra = series.read_extra(source)

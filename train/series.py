@@ -120,27 +120,54 @@ def append_entry(run: Run, entry: CheckpointEntry) -> None:
     update_index(run, entries + [entry])
 
 
+def linked_by_siblings(run: Run) -> set[str]:
+    """Names of ``run``'s checkpoint folders that another run in the same runs folder links to
+    (sweep siblings share phase 1 through symlinks, :func:`rotelab.train.pipeline.import_phase1`).
+    Siblings always live in one runs folder (``rotelab run`` puts them there); a run linked from
+    elsewhere is not seen."""
+    mine = run.checkpoints_dir.resolve()
+    me = run.root.resolve()
+    used: set[str] = set()
+    try:
+        others = [p for p in run.root.parent.iterdir() if p.is_dir() and p.resolve() != me]
+    except OSError:
+        return used
+    for other in others:
+        ck = other / "checkpoints"
+        if not ck.is_dir():
+            continue
+        for link in ck.iterdir():
+            if link.is_symlink():
+                target = link.resolve()
+                if target.parent == mine:
+                    used.add(target.name)
+    return used
+
+
 def prune_weights(run: Run, keep: str | int, protected: set[str]) -> list[str]:
     """Drop the weights ``train.keep_weights`` does not keep; returns the ids dropped.
 
     Always kept: ``base``, the ids in ``protected`` (e.g. the phase-2 start point) and the latest
     point of every (series, phase) group. ``all`` keeps everything; an int ``n`` keeps every n-th
-    point of each group (1-based); ``latest`` keeps only the always-kept ones. Imported points
-    (symlinked folders) are never dropped. The index is rewritten (``path: null``) before the
-    folder is removed.
+    point of each group (1-based); ``latest`` keeps only the always-kept ones; ``final`` keeps
+    ``base``, ``protected`` and the last point of every series (not of every phase). Imported points
+    (symlinked folders) are never dropped, nor are folders a sibling run links to
+    (:func:`linked_by_siblings`). The index is rewritten (``path: null``) before the folder is
+    removed.
     """
     if keep == "all":
         return []
+    shared = linked_by_siblings(run)
     entries = read_index(run.index_path)
     groups: dict[tuple[str, str], list[CheckpointEntry]] = {}
     for e in entries:
-        groups.setdefault((e.series, e.phase), []).append(e)
+        groups.setdefault((e.series, "" if keep == "final" else e.phase), []).append(e)
     drop: set[str] = set()
     for group in groups.values():
         for i, e in enumerate(group, start=1):
             if e.path is None or e.id == "base" or e.id in protected or e is group[-1]:
                 continue
-            if (run.root / e.path).is_symlink():
+            if (run.root / e.path).is_symlink() or Path(e.path).name in shared:
                 continue
             if isinstance(keep, int) and i % keep == 0:
                 continue
