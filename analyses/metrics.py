@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from rotelab.facts import split_mask, split_names
+
 from ._common import open_store
 
 if TYPE_CHECKING:
@@ -50,8 +52,8 @@ def metric_table_from_store(run: Run) -> pd.DataFrame:
             for ci, c in enumerate(g.checkpoints):
                 if np.isnan(a[ci]).all():
                     continue
-                for s in ["all", *sorted(set(split))]:
-                    sel = a[ci] if s == "all" else a[ci, split == s]
+                for s in split_names(split):
+                    sel = a[ci, split_mask(split, s)]
                     if not np.isfinite(sel).any():
                         continue
                     rows.append((c, phase.get(c, ""), k, s, m, float(np.nanmean(sel))))

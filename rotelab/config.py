@@ -55,6 +55,11 @@ class DataConfig(_Section):
     templates_per_kind: int | None = Field(None, ge=1)
     """Use only the first N templates of each prompt kind in evaluation and capture (None: all).
     Not applied to ``train`` (always exactly the P templates phase 2 trains) nor to ``meaningful``."""
+    validation_fraction: float = Field(0.5, ge=0, lt=1)
+    """Fraction of each relation's held-out facts (those phase 2 does not train) that form the
+    ``validation`` split; the rest is ``test`` (seeded by the data seed; see
+    :func:`rotelab.facts.split_facts`). A sweep picks hyper-parameters on validation and
+    ``rotelab report`` reports test. 0: every held-out fact is test (nothing to pick on)."""
     distractors_from: Literal["pool", "memorized"] = "pool"
     """Where the multiple-choice distractors come from: ``pool`` (same-type entities of the
     relation's object pool, as in the paper; most were never seen in training) or ``memorized``

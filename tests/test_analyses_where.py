@@ -362,7 +362,7 @@ def test_onset_run_table(random_store_run):
     assert t.loc[("test", f0), "onset"] == "p1-e01" and t.loc[("test", f0), "onset_index"] == 1
     assert t.loc[("test", f1), "onset"] == "" and t.loc[("test", f1), "first_correct"] == "base"
     assert t.loc[("test", f2), "onset"] == "p1-e02" and t.loc[("test", f2), "final_acc"] == 0.5
-    assert len(t) == len(set(facts)) and set(t["split"]) <= {"train", "heldout"}
+    assert len(t) == len(set(facts)) and set(t["split"]) <= {"train", "validation", "test"}
     stored = st.read_table("onset")
     assert len(stored) == len(t)
 
