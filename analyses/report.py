@@ -514,6 +514,7 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
                 cells.append(_cell(r.iloc[0] if len(r) else None, gain=True))
             rows.append([g, st, *cells])
         md += _md_table(["group", "stage", *kinds], rows) + [""]
+    md += _sft_section(stats, labels, kinds)
     icl = [k for k in kinds if k == "icl" or k.startswith("icl-")]
     if icl:
         md += ["## ICL (base model, paper §5 / B.5) vs ours on the same questions, all facts", ""]
@@ -540,6 +541,29 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
            + ", figures as PNG/PDF/SVG with their data as CSV.", ""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     return Report(exp.name, out, stats, split, in_progress)
+
+
+def _sft_section(stats: pd.DataFrame, groups: Sequence[str], kinds: Sequence[str]) -> list[str]:
+    """Markdown: the paper's SFT baseline vs ours as §5 compares them (B.5, Tables 5–6): the last
+    phase-2 point and the last SFT point of each group, with their total training tokens, on the
+    train, test and translated prompts of *all* facts (SFT trains every fact)."""
+    if not (stats["series"] == "sft").any():
+        return []
+    cols = [k for k in kinds if k in ("train", "test") or k.startswith("translated-")]
+    out = ["## SFT baseline vs ours, all facts (paper §5, Fig. 5)", ""]
+    for metric, label in TABLE_METRICS.items():
+        rows = []
+        for g in groups:
+            s = stats[(stats["group"] == g) & (stats["split"] == "all") & (stats["metric"] == metric)]
+            sft = list(dict.fromkeys(s.loc[s["series"] == "sft", "stage"]))
+            for what, stage in (("ours", last_phase2(stats[stats["group"] == g])), ("SFT", sft[-1] if sft else None)):
+                if stage is None:
+                    continue
+                tok = s.loc[s["stage"] == stage, "total_tokens"]
+                cells = [_cell(r.iloc[0]) if len(r := s[(s["stage"] == stage) & (s["kind"] == k)]) else "–" for k in cols]
+                rows.append([g, f"{what} ({stage})", f"{tok.iloc[0]:,.0f}" if len(tok) and np.isfinite(tok.iloc[0]) else "?", *cells])
+        out += [f"{label}:", "", *_md_table(["group", "model", "total tokens", *cols], rows), ""]
+    return out
 
 
 def _memorized_mc(groups: dict[str, list[Run]], split: str) -> list[str]:
