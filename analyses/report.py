@@ -25,8 +25,9 @@ Outputs in ``out`` (default ``reports/<experiment>/``): ``report.md``, ``stats.c
 long), ``stages.csv`` (one row per group × stage, the reported split), ``table1.csv`` (the paper's
 Table 1 layout: per group the key-token prompt at the phase-2 start, train and test prompts at the
 last phase-2 point), ``selection.csv``, ``representations.csv`` where captured, and figures
-(PNG/PDF/SVG + CSV): ``curves_<metric>`` (test-prompt accuracy per stage) and ``tokens``
-(generation accuracy against total training tokens, paper Fig. 5) where a run has the SFT baseline.
+(PNG/PDF/SVG + CSV): ``curves_<metric>`` (test-prompt accuracy per stage), ``grid`` where the
+groups sweep two keys (paper Fig. 2: k × P) and ``tokens`` (generation accuracy against total
+training tokens, paper Fig. 5) where a run has the SFT baseline.
 Runs still being written (a live writer lock, unfinished training or unevaluated checkpoints) are
 reported with what is committed and listed as in progress.
 """
@@ -91,7 +92,14 @@ class Experiment:
 
 
 def _seed_order(run: Run) -> tuple[str, int]:
-    return (parse_run_name(run.config.name)[0] + "-".join(f"{k}={v}" for k, v in parse_run_name(run.config.name)[1].items() if k != "seed"), run.config.seed)
+    """Sort key: the run's name without its seed, then the seed."""
+    exp, pairs = parse_run_name(run.config.name)
+    return (exp + "-".join(f"{k}={v}" for k, v in pairs.items() if k != "seed"), run.config.seed)
+
+
+def group_values(runs_by_group: dict[str, list[Run]]) -> dict[str, dict[str, str]]:
+    """group label → its swept values (short key → value as in the run names), seed excluded."""
+    return {g: {k: v for k, v in parse_run_name(runs[0].config.name)[1].items() if k != "seed"} for g, runs in runs_by_group.items()}
 
 
 def check_group(experiment: str, label: str, runs: Sequence[Run]) -> None:
@@ -393,7 +401,55 @@ def representations(runs_by_group: dict[str, list[Run]]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- figures
 
 
-def _figures(stats: pd.DataFrame, groups: Sequence[str], split: str, out: Path) -> list[str]:
+def _grid_figure(stats: pd.DataFrame, values: dict[str, dict[str, str]], split: str, out: Path) -> list[str]:
+    """Where the groups sweep exactly two keys (paper Fig. 2: k × P), a heatmap of the mean
+    generation accuracy on :data:`SELECT_KIND` prompts at each group's last phase-2 point."""
+    from .figures import plt, save_figure
+
+    keys = sorted({k for v in values.values() for k in v})
+    if len(keys) != 2 or len(values) < 2:
+        return []
+    a, b = keys
+    rows = []
+    for g, v in values.items():
+        s = stats[stats["group"] == g]
+        r = s[(s["stage"] == last_phase2(s)) & (s["kind"] == SELECT_KIND) & (s["split"] == split) & (s["metric"] == "gen_correct")]
+        if len(r):
+            rows.append({a: v.get(a), b: v.get(b), "mean": float(r["mean"].iloc[0]), "n": int(r["n"].iloc[0])})
+    if not rows:
+        return []
+    data = pd.DataFrame(rows)
+
+    def order(col: str) -> list[str]:
+        vals = list(dict.fromkeys(data[col]))
+        try:
+            return sorted(vals, key=float)
+        except ValueError:
+            return vals
+
+    ya, xb = order(a), order(b)
+    grid = np.full((len(ya), len(xb)), np.nan)
+    for r in data.itertuples(index=False):
+        grid[ya.index(getattr(r, a)), xb.index(getattr(r, b))] = r.mean
+    fig, ax = plt.subplots(figsize=(1.2 * len(xb) + 2, 0.8 * len(ya) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower")
+    for i in range(len(ya)):
+        for j in range(len(xb)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k", fontsize=8)
+    ax.set_xticks(range(len(xb)), xb)
+    ax.set_yticks(range(len(ya)), ya)
+    ax.set_xlabel(b)
+    ax.set_ylabel(a)
+    ax.set_title(f"generation accuracy, {SELECT_KIND} prompts ({split} facts), mean over seeds")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    save_figure(fig, data, "grid", out)
+    plt.close(fig)
+    return ["grid"]
+
+
+def _figures(stats: pd.DataFrame, groups: Sequence[str], values: dict[str, dict[str, str]], split: str, out: Path) -> list[str]:
     from .figures import plt, save_figure
 
     made = []
@@ -415,6 +471,7 @@ def _figures(stats: pd.DataFrame, groups: Sequence[str], split: str, out: Path) 
         save_figure(fig, data[["group", "stage", "mean", "ci95", "n"]], f"curves_{metric}", out)
         plt.close(fig)
         made.append(f"curves_{metric}")
+    made += _grid_figure(stats, values, split, out)
     tok = stats[(stats["kind"] == SELECT_KIND) & (stats["split"] == "all") & (stats["metric"] == "gen_correct")
                 & stats["series"].isin(["main", "sft"]) & stats["phase"].isin(["phase2", "sft"])]
     if (tok["series"] == "sft").any():
@@ -471,7 +528,7 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
     reps = representations(groups)
     if len(reps):
         reps.to_csv(out / "representations.csv", index=False)
-    figures = _figures(stats, labels, split, out)
+    figures = _figures(stats, labels, group_values(groups), split, out)
 
     swept = sorted({k for r in exp.runs for k in parse_run_name(r.config.name)[1]})
     cfg = exp.runs[0].config

@@ -151,3 +151,47 @@ def test_a_run_in_progress_is_reported_with_what_is_committed(sweep, tmp_path) -
     md = (tmp_path / "o" / "report.md").read_text()
     assert list(rep.in_progress) == [str(part / "rep-seed=1-k=1")] and "in progress" in md
     assert set(pd.read_csv(tmp_path / "o" / "stats.csv")["n"]) == {1}
+
+
+def test_grid_figure_of_a_two_key_sweep(tmp_path) -> None:
+    from rotelab.analyses.report import STAT_COLUMNS, _grid_figure
+
+    rows = []
+    for k in (1, 5, 20):
+        for p in (1, 2):
+            for stage, phase in (("p1-e10", "phase1"), ("p2-e01", "phase2"), ("p2-e02", "phase2")):
+                rows.append({c: np.nan for c in STAT_COLUMNS} | {
+                    "group": f"k={k}-prompts={p}", "stage": stage, "series": "main", "phase": phase, "kind": "test",
+                    "split": "test", "metric": "gen_correct", "n": 3, "mean": (k * 10 + p) / 1000 + (stage == "p2-e02")})
+    stats = pd.DataFrame(rows)
+    values = {f"k={k}-prompts={p}": {"k": str(k), "prompts": str(p)} for k in (1, 5, 20) for p in (1, 2)}
+    assert _grid_figure(stats, values, "test", tmp_path) == ["grid"]
+    data = pd.read_csv(tmp_path / "grid.csv")
+    assert len(data) == 6 and (tmp_path / "grid.svg").is_file()
+    got = {(r.k, r.prompts): r.mean for r in data.itertuples()}
+    assert got == {(k, p): pytest.approx(1 + (k * 10 + p) / 1000) for k in (1, 5, 20) for p in (1, 2)}  # the last phase-2 point
+    assert _grid_figure(stats, {g: {"k": v["k"]} for g, v in values.items()}, "test", tmp_path / "no") == []
+
+
+def test_a_legacy_run_is_reported_on_its_heldout_facts(tmp_path) -> None:
+    """Runs written before the validation/test split (no data/split.json, split label ``heldout``)
+    stay readable: the report uses ``heldout`` and picks nothing on it."""
+    from fixtures_runs import make_tiny_run
+
+    from rotelab.analyses.report import report
+    from rotelab.probe import evaluate_run
+
+    dirs = []
+    for seed in (0, 1):
+        run = make_tiny_run(tmp_path / f"s{seed}", config={"name": f"leg-seed={seed}", "seed": seed, "eval": {"engine": "hf", "kinds": ["test"], "max_new_tokens": 2}})
+        (run.data_dir / "split.json").unlink()  # what an older rotelab wrote
+        run = Run.open(run.root)
+        assert run.legacy_split and "heldout" in set(run.items("test")["split"])
+        evaluate_run(run, progress=False)
+        dirs.append(run.root)
+    [rep] = report(dirs, tmp_path / "out")
+    assert rep.split == "heldout"
+    stats = pd.read_csv(tmp_path / "out" / "stats.csv")
+    assert set(stats.split) == {"all", "train", "heldout"} and set(stats.n) == {2}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "predate the validation/test split" in md and "(heldout facts)" in md
