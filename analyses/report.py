@@ -28,8 +28,9 @@ last phase-2 point), ``selection.csv``, ``representations.csv`` where captured, 
 (PNG/PDF/SVG + CSV): ``curves_<metric>`` (test-prompt accuracy per stage), ``grid`` where the
 groups sweep two keys (paper Fig. 2: k × P) and ``tokens`` (generation accuracy against total
 training tokens, paper Fig. 5) where a run has the SFT baseline.
-Runs still being written (a live writer lock, unfinished training or unevaluated checkpoints) are
-reported with what is committed and listed as in progress.
+Runs still being written (a live writer lock, a training stage short of its epochs, or checkpoints
+without accuracy — also where only chosen checkpoints were evaluated on purpose) are reported with
+what is committed and listed as in progress, with the reason.
 """
 
 from __future__ import annotations
@@ -167,9 +168,10 @@ def find_experiments(targets: Iterable[str | Path], runs_dir: str | Path = "runs
 # --------------------------------------------------------------------------- per run
 
 
-def run_status(run: Run) -> list[str]:
+def run_status(run: Run, table: pd.DataFrame | None = None) -> list[str]:
     """Why a run is still in progress (empty when it is complete): a live writer holding its lock,
-    phase 2 short of ``phase2.epochs``, or checkpoints without any committed accuracy."""
+    a configured training stage (phase 1, phase 2, the SFT baselines, the injection stage) short of
+    its epochs, or checkpoints without any committed accuracy in ``table`` (its metric table)."""
     notes = []
     lock = run.root / ".rotelab.lock"
     try:
@@ -180,11 +182,20 @@ def run_status(run: Run) -> list[str]:
     if isinstance(pid, int) and _alive(pid):
         notes.append(f"being written ({info.get('what', '?')}, pid {pid})")
     entries = run.checkpoints()
-    p2 = run.config.phase2
-    if p2.enabled and not any(e.phase == "phase2" and e.epoch is not None and e.epoch >= p2.epochs - 1e-9 for e in entries):
-        notes.append("phase 2 not finished")
     if not entries:
-        notes.append("no checkpoints yet")
+        return [*notes, "no checkpoints yet"]
+    cfg = run.config
+    want = {"phase1": cfg.phase1.epochs, "phase2": cfg.phase2.epochs if cfg.phase2.enabled else 0,
+            "sft": cfg.phase2.epochs if cfg.baselines.sft else 0, "sft-k": cfg.phase2.epochs if cfg.baselines.sft_k else 0,
+            "inject": cfg.inject.epochs if cfg.inject.facts_per_relation else 0}
+    for phase, epochs in want.items():
+        if epochs and not any(e.phase == phase and e.epoch is not None and e.epoch >= epochs - 1e-6 for e in entries):
+            notes.append(f"{phase} not finished")
+    if table is not None:
+        done = set(table["checkpoint"])
+        todo = [e.id for e in entries if e.id not in done]
+        if todo:
+            notes.append(f"{len(todo)} of {len(entries)} checkpoints without accuracy")
     return notes
 
 
@@ -512,10 +523,11 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
     out = Path(out) if out is not None else Path("reports") / exp.name
     groups = exp.groups()
     split = reported_split(exp.runs)
-    stats = pd.concat([group_statistics(g, runs) for g, runs in groups.items()], ignore_index=True)
+    tables = {str(r.root): _metric_table(r) for r in exp.runs}
+    stats = pd.concat([group_statistics(g, runs, [tables[str(r.root)] for r in runs]) for g, runs in groups.items()], ignore_index=True)
     labels = list(groups)
     starts = {g: ",".join(sorted({s for s in (phase2_start(r) for r in runs) if s})) for g, runs in groups.items()}
-    status = {str(r.root): run_status(r) for r in exp.runs}
+    status = {str(r.root): run_status(r, tables[str(r.root)]) for r in exp.runs}
     in_progress = {k: v for k, v in status.items() if v}
     out.mkdir(parents=True, exist_ok=True)
     stats.to_csv(out / "stats.csv", index=False)
@@ -557,7 +569,7 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
         trows.append([r["group"], r["start"], f("key:gen_correct"), f("key:object_prob"), r["phase2"], f("train:gen_correct"),
                       f("train:object_prob"), f("test:gen_correct"), f("test:object_prob")])
     md += _md_table(hdr, trows) + [""]
-    kinds = [k for k in exp.runs[0].kinds() if k in set(stats["kind"])]
+    kinds = [k for k in dict.fromkeys(k for r in exp.runs for k in r.kinds()) if k in set(stats["kind"])]
     for metric, label in TABLE_METRICS.items():
         s = stats[(stats["metric"] == metric)]
         if s.empty:
