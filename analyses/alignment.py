@@ -8,7 +8,7 @@ checkpoint minus the cosine at a reference checkpoint (default: the last phase-1
 ``main`` series), same layer / relation / kind / split.
 
 The store table ``alignment`` is tidy: ``checkpoint, layer, relation, kind, split, n, cosine,
-reference, delta`` with ``split`` ∈ {all, train, heldout, …} (phase-2 training facts vs held-out).
+reference, delta`` with ``split`` ∈ {all, train, validation, test, heldout = validation ∪ test, …}.
 ``layer`` ≥ 0 rows use the raw hidden states; ``layer`` = -1
 (:data:`rotelab.analyses._common.FINAL_NORM_LAYER`) rows use the ``final_norm`` state.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rotelab.errors import RotelabError
+from rotelab.facts import LEGACY_HELDOUT, split_mask, split_names
 
 from .cossim import unit_rows
 
@@ -56,13 +57,15 @@ def alignment_by_relation(
     ``key_X`` [n_key, hidden] rows in ``key_items`` order; ``X`` [n, hidden] rows in ``items``
     order (item tables with ``fact_id``, ``relation``, ``split``). Mean over each fact's templates
     first, then over the facts. Returns columns ``relation, split, n, cosine`` (``n`` = facts),
-    with ``split`` ``all`` plus every split value present.
+    with ``split`` ``all``, every split value present and ``heldout`` (validation ∪ test).
     """
     cos = key_prompt_cosines(key_X, key_items["fact_id"].tolist(), X, items["fact_id"].tolist())
     df = pd.DataFrame({"fact_id": items["fact_id"].astype(str).to_numpy(), "relation": items["relation"].astype(str).to_numpy(),
                        "split": items["split"].astype(str).to_numpy(), "cos": cos})
     per_fact = df.groupby(["relation", "split", "fact_id"], sort=True)["cos"].mean().reset_index()
     parts = [per_fact.assign(split="all"), per_fact]
+    if LEGACY_HELDOUT in split_names(per_fact["split"]) and not (per_fact["split"] == LEGACY_HELDOUT).any():
+        parts.append(per_fact[split_mask(per_fact["split"], LEGACY_HELDOUT)].assign(split=LEGACY_HELDOUT))
     out = (
         pd.concat(parts, ignore_index=True)
         .groupby(["relation", "split"], sort=True)["cos"]

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rotelab.errors import RotelabError
+from rotelab.facts import split_mask
 
 from ._common import open_store
 from .figure_io import STYLE, plt
@@ -90,8 +91,8 @@ def heatmap_panels(run: Run, data: pd.DataFrame, value: str, *, title: str, labe
 
 
 def _split_select(df: pd.DataFrame, split: str) -> tuple[pd.DataFrame, str]:
-    if split != "all" and (df["split"] == split).any():
-        return df[df["split"] == split], split
+    if split != "all" and split_mask(df["split"], split).any():
+        return df[split_mask(df["split"], split)], split
     return df, "all"
 
 

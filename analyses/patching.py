@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from rotelab.errors import RotelabError
+from rotelab.facts import split_mask
 from rotelab.probe.sites import ModelSites, resid
 
 from .interventions import (
@@ -64,8 +65,8 @@ def sample_items(items: pd.DataFrame, per_relation: int, split: str | None = "he
     import numpy as np
 
     df = items
-    if split is not None and (items["split"] == split).any():
-        df = items[items["split"] == split]
+    if split is not None and split_mask(items["split"], split).any():
+        df = items[split_mask(items["split"], split)]
     rng = np.random.default_rng(seed)
     out: list[int] = []
     for _, rel in df.groupby("relation", sort=True):

@@ -88,7 +88,7 @@ def summary_text(run: Run) -> str:
            f"phase 2: k = {cfg.phase2.k}, P = {cfg.phase2.prompts}, {cfg.phase2.epochs} epochs, lr {cfg.phase2.lr:g}, "
            f"loss on {cfg.phase2.loss_mask} · seed {cfg.seed} · {len(run.checkpoints())} checkpoints", ""]
     try:
-        for split, title in (("heldout", "Held-out facts (never trained in phase 2)"), ("train", "Phase-2 training facts"),
+        for split, title in (("heldout", "Held-out facts (validation ∪ test: never trained in phase 2)"), ("train", "Phase-2 training facts"),
                              ("injected", "Injected facts (memorized with the key token after phase 2, ablation C1)"),
                              ("all", "All facts (the paper compares its SFT baseline here: SFT trains every fact)")):
             if split == "all" and not any(e.series == "sft" for e in run.checkpoints()):

@@ -3,7 +3,8 @@
 * :func:`item_metrics_table` — one row per (checkpoint, kind, item): the item table's columns plus
   every metric (committed units only).
 * :func:`metrics_table` — tidy means over items: checkpoint, phase, kind, split, metric, value
-  (``split``: ``train`` = phase-2 training facts, ``heldout``, ``all``).
+  (``split``: ``train`` = phase-2 training facts, ``validation``, ``test``, ``heldout`` =
+  validation ∪ test — :func:`rotelab.facts.split_names` —, ``injected``, ``all``).
 * :func:`summary_table` — one checkpoint shaped like the paper's Figure 3 / Table 1: rows = kinds,
   columns = (split, metric) for object probability, MC accuracy and generation accuracy.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from rotelab.facts import LEGACY_HELDOUT, split_mask, split_names
 from rotelab.run import Run
 
 from .accuracy_metrics import METRIC_ARRAYS
@@ -63,12 +65,16 @@ def item_metrics_table(run: Run, kinds: list[str] | None = None) -> pd.DataFrame
 
 
 def metrics_table(run: Run, kinds: list[str] | None = None) -> pd.DataFrame:
-    """Tidy means over items per checkpoint × kind × split (train / heldout / all) × metric."""
+    """Tidy means over items per checkpoint × kind × split (``all``, each split label, and
+    ``heldout`` = validation ∪ test) × metric."""
     items = item_metrics_table(run, kinds)
     if items.empty:
         return pd.DataFrame(columns=TIDY_COLUMNS)
     order = {e.id: i for i, e in enumerate(run.checkpoints())}
-    both = pd.concat([items, items.assign(split="all")], ignore_index=True)
+    parts = [items.assign(split="all"), items]
+    if LEGACY_HELDOUT in split_names(items["split"]) and not (items["split"] == LEGACY_HELDOUT).any():
+        parts.append(items[split_mask(items["split"], LEGACY_HELDOUT)].assign(split=LEGACY_HELDOUT))
+    both = pd.concat(parts, ignore_index=True)
     long = both.melt(id_vars=["checkpoint", "phase", "kind", "split"], value_vars=list(NUMERIC_METRICS), var_name="metric")
     long["value"] = long["value"].astype(float)
     out = long.groupby(["checkpoint", "phase", "kind", "split", "metric"], sort=False, as_index=False)["value"].mean()

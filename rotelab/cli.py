@@ -213,6 +213,21 @@ def tui(
     run_tui(target)
 
 
+@app.command("report")
+def report_cmd(
+    targets: Annotated[list[str], typer.Argument(help="Run directories, folders of runs or (sweep) config files.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: reports/<experiment name>/).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where a config's runs live.")] = Path("runs"),
+) -> None:
+    """Statistics over an experiment's sibling runs (mean, 95% t-interval, Appendix-D tests) as
+    report.md, CSVs and figures. Reads the stores only; never trains or evaluates."""
+    from rotelab.analyses.report import report
+
+    for rep in report(targets, out, runs_dir):
+        note = f" ({len(rep.in_progress)} run(s) in progress: committed results only)" if rep.in_progress else ""
+        typer.echo(f"{rep.experiment}: {rep.out / 'report.md'}{note}")
+
+
 @app.command("analyze")
 def analyze_cmd(
     target: Target,

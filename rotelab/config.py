@@ -86,6 +86,11 @@ class DataConfig(_Section):
     templates_per_kind: int | None = Field(None, ge=1)
     """Use only the first N templates of each prompt kind in evaluation and capture (None: all).
     Not applied to ``train`` (always exactly the P templates phase 2 trains) nor to ``meaningful``."""
+    validation_fraction: float = Field(0.5, ge=0, lt=1)
+    """Fraction of each relation's held-out facts (those phase 2 does not train) that form the
+    ``validation`` split; the rest is ``test`` (seeded by the data seed; see
+    :func:`rotelab.facts.split_facts`). A sweep picks hyper-parameters on validation and
+    ``rotelab report`` reports test. 0: every held-out fact is test (nothing to pick on)."""
     distractors_from: Literal["pool", "memorized"] = "pool"
     """Where the multiple-choice distractors come from: ``pool`` (same-type entities of the
     relation's object pool, as in the paper; most were never seen in training) or ``memorized``
@@ -278,7 +283,9 @@ class Config(_Section):
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     sweep: dict[str, list[Any]] = setting(default_factory=dict)
     """Dotted key → list of values, e.g. ``{seed: [0, 1, 2], phase2.k: [1, 10]}``: expands into
-    sibling runs (see :func:`expand_sweep`)."""
+    sibling runs (see :func:`expand_sweep`). The key ``case`` takes a list of named settings that
+    change several keys together, ``[{name: C2, phase1.mode: no_key}, …]`` (siblings ``…-case=C2``),
+    for variants that are no product of single keys (e.g. the ablations)."""
 
     @field_validator("name")
     @classmethod
@@ -299,12 +306,34 @@ class Config(_Section):
             raise ValueError("inject.facts_per_relation: the injection stage starts after phase 2, which is disabled (phase2.enabled: false)")
         if self.inject.facts_per_relation and self.phase1.mode != "key":
             raise ValueError("inject.facts_per_relation: injecting facts with the key token needs phase1.mode 'key'")
-        for key in self.sweep:
+        for key, values in self.sweep.items():
+            if key == SWEEP_CASE:
+                _check_cases(values, self.model_dump())
+                continue
             _get_dotted(self.model_dump(), key)  # raises KeyError for an unknown key
         return self
 
     def without_sweep(self) -> "Config":
         return self.model_copy(update={"sweep": {}})
+
+
+#: The sweep key whose values are named settings of several keys (see ``Config.sweep``).
+SWEEP_CASE = "case"
+
+
+def _check_cases(values: Any, dumped: dict[str, Any]) -> None:
+    if not isinstance(values, list) or not values:
+        raise ValueError("sweep.case must be a non-empty list of {name: …, <dotted key>: value} mappings")
+    names = set()
+    for case in values:
+        if not isinstance(case, dict) or not isinstance(case.get("name"), str) or not case["name"]:
+            raise ValueError("sweep.case: every case is a mapping with a non-empty 'name'")
+        if case["name"] in names or "=" in case["name"] or "/" in case["name"]:
+            raise ValueError(f"sweep.case: case name {case['name']!r} is repeated or contains '=' or '/'")
+        names.add(case["name"])
+        for key in case:
+            if key != "name":
+                _get_dotted(dumped, key)
 
 
 def _get_dotted(d: dict[str, Any], key: str) -> Any:
@@ -384,7 +413,9 @@ def load_config(path: str | Path) -> Config:
 
 
 def expand_sweep(config: Config) -> list[Config]:
-    """Expand ``config.sweep`` into one config per combination, named ``<name>-<key>=<value>-…``.
+    """Expand ``config.sweep`` into one config per combination, named ``<name>-<key>=<value>-…``
+    (``<key>`` = the dotted key's last part; a ``case`` sets all its keys and names itself
+    ``case=<name>``).
 
     Without a sweep, returns ``[config]``.
     """
@@ -397,6 +428,12 @@ def expand_sweep(config: Config) -> list[Config]:
         d = copy.deepcopy(base)
         suffix = []
         for k, v in zip(keys, values):
+            if k == SWEEP_CASE:
+                for ck, cv in v.items():
+                    if ck != "name":
+                        _set_dotted(d, ck, cv)
+                suffix.append(f"{k}={v['name']}")
+                continue
             _set_dotted(d, k, v)
             suffix.append(f"{k.split('.')[-1]}={v}")
         d["name"] = f"{config.name}-" + "-".join(suffix)

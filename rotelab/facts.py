@@ -223,26 +223,82 @@ def write_dataset(out_dir: str | Path, facts: list[Fact], relations: dict[str, R
     atomic_write_text(out / "facts.jsonl", facts_text)
 
 
-def split_facts(facts: list[Fact], k: int, injected: int = 0) -> dict[str, str]:
-    """Phase-2 split: the first ``k`` facts of each relation (file order) train, the last
-    ``injected`` of each relation are ``injected`` (ablation C1: memorized only after phase 2), the
-    rest are held out.
+#: The split values of a fact (``Run.split``, the item tables' ``split`` column).
+SPLITS = ("train", "validation", "test", "injected")
+#: The two halves of the held-out facts (never trained in phase 2): ``validation`` is where a sweep
+#: picks its hyper-parameters, ``test`` is what ``rotelab report`` reports.
+HELDOUT_SPLITS = ("validation", "test")
+#: The split value of every held-out fact in runs written before the validation/test split.
+LEGACY_HELDOUT = "heldout"
 
-    Returns ``{fact id: "train" | "heldout" | "injected"}``.
+
+def split_facts(
+    facts: list[Fact], k: int, injected: int = 0, validation_fraction: float | None = 0.5, seed: int = 0
+) -> dict[str, str]:
+    """Phase-2 split: the first ``k`` facts of each relation (file order) are ``train``, the last
+    ``injected`` of each relation are ``injected`` (ablation C1: memorized only after phase 2), and
+    the rest — the held-out facts, never trained in phase 2 — are divided per relation into
+    ``validation`` and ``test``: a seeded shuffle (``random.Random(f"{seed}/{relation}")``) of the
+    relation's held-out facts, the first ``⌊validation_fraction × n + ½⌋`` of it validation.
+
+    The paper (§4) reports on all held-out facts and picks no hyper-parameters on them; choosing
+    phase-2 settings on the facts one then reports is leakage, so a sweep picks on ``validation``
+    and reports ``test``. Default 50/50: both halves keep the same size (with k = 1 of 40 facts,
+    19 and 20 facts per relation), so the test mean's variance is only twice the paper's.
+    ``validation_fraction=None`` gives the legacy split (every held-out fact ``heldout``), which
+    runs written before the split keep (see ``Run.split``).
+
+    Returns ``{fact id: "train" | "validation" | "test" | "injected"}`` (or ``"heldout"``, legacy).
     """
     total: dict[str, int] = {}
     for f in facts:
         total[f.relation] = total.get(f.relation, 0) + 1
     seen: dict[str, int] = {}
-    out = {}
+    out: dict[str, str] = {}
+    heldout: dict[str, list[str]] = {}
     for f in facts:
         n = seen.get(f.relation, 0)
         if n >= total[f.relation] - injected:
             out[f.id] = "injected"
+        elif n < k:
+            out[f.id] = "train"
         else:
-            out[f.id] = "train" if n < k else "heldout"
+            out[f.id] = LEGACY_HELDOUT
+            heldout.setdefault(f.relation, []).append(f.id)
         seen[f.relation] = n + 1
+    if validation_fraction is None:
+        return out
+    for rel, ids in heldout.items():
+        order = list(ids)
+        random.Random(f"{seed}/{rel}").shuffle(order)
+        n_val = int(validation_fraction * len(order) + 0.5)  # rounded half up
+        for i, fid in enumerate(order):
+            out[fid] = "validation" if i < n_val else "test"
     return out
+
+
+def split_mask(values, split: str):
+    """bool array: which of ``values`` (split labels, e.g. an item table's ``split`` column) belong
+    to ``split``. ``all`` is every item; ``heldout`` is the union of ``validation`` and ``test``
+    (and the legacy ``heldout`` label of runs written before the validation/test split); any other
+    name matches itself."""
+    import numpy as np
+
+    v = np.asarray(values).astype(str)
+    if split == "all":
+        return np.ones(v.shape, dtype=bool)
+    if split == LEGACY_HELDOUT:
+        return np.isin(v, [*HELDOUT_SPLITS, LEGACY_HELDOUT])
+    return v == split
+
+
+def split_names(values) -> list[str]:
+    """The split names a per-split table of ``values`` has: ``all``, every label present (sorted)
+    and ``heldout`` (validation ∪ test) where the labels are the new ones, so that readers of
+    ``heldout`` see the same aggregate in new and legacy runs."""
+    present = sorted({str(x) for x in values})
+    extra = [LEGACY_HELDOUT] if any(s in HELDOUT_SPLITS for s in present) and LEGACY_HELDOUT not in present else []
+    return ["all", *present, *extra]
 
 
 def memorized_distractors(facts: list[Fact], n: int, seed: int) -> tuple[list[Fact], dict[str, int]]:

@@ -198,7 +198,8 @@ def run_config(
         run = Run.create(cfg, run_dir, runs_dir)
         if len(configs) > 1:
             echo(f"══ sweep run {len(results) + 1}/{len(configs)}: {cfg.name}")
-            _share_phase1(run, trained_phase1, echo)
+            if "train" in stages:  # a sibling's phase 1 exists only once it was trained
+                _share_phase1(run, trained_phase1, echo)
         results.append(run_pipeline(run, stages=stages, progress=progress, echo=echo))
     return results
 

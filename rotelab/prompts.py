@@ -5,7 +5,9 @@ answer (``object``; for ``reverse`` the subject) is appended as ``" " + answer``
 
 Item table columns: ``item`` (0..n-1 within the kind), ``fact_id``, ``relation``, ``template_id``,
 ``text``, ``object`` (the expected answer), ``split`` (``train`` = a phase-2 training fact,
-``heldout`` otherwise, ``injected`` = memorized only after phase 2, ablation C1). ICL kinds add
+``validation`` / ``test`` = the held-out facts, ``injected`` = memorized only after phase 2,
+ablation C1; runs written before the validation/test split: ``heldout``; see
+:func:`rotelab.facts.split_facts`). ICL kinds add
 ``context_template_id`` (the train template that states the fact in the context).
 
 Kinds and their templates (``template_id`` is always the index in the relation's list named):
@@ -139,7 +141,8 @@ def build_items(
 ) -> pd.DataFrame:
     """The item table of one prompt kind (columns: :data:`ITEM_COLUMNS`), ordered by fact then template.
 
-    ``split`` maps fact id → ``train``/``heldout``/``injected`` (default: all ``heldout``);
+    ``split`` maps fact id → ``train``/``validation``/``test``/``injected`` (``Run.split``; without
+    it every fact is labelled ``heldout``, the legacy label);
     ``template_ids`` keeps exactly these template ids (else ``templates_per_kind`` keeps the first
     N); ``template_relations`` maps a relation to the relation whose templates it is asked with
     (repurposing; the ``repurposed`` kind holds only those relations' facts); ``seed`` draws the

@@ -235,6 +235,7 @@ class Run:
         if d.distractors_from == "memorized":
             facts, filled = memorized_distractors(facts, d.distractors, self.config.seed)
             validate_facts(facts, rels, d.distractors, f"{src} (data.distractors_from: memorized)")
+        self._write_split(facts)  # before the dataset: data without split.json mean a legacy run
         write_dataset(self.data_dir, facts, rels)
         if d.distractors_from == "memorized":
             atomic_write_text(self.data_dir / "distractors.json", json.dumps({"distractors_from": "memorized", "filled_from_pool": filled}, indent=2) + "\n")
@@ -250,12 +251,45 @@ class Run:
         path = self.data_dir / "relations.yaml"
         return parse_relations(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
 
+    @property
+    def split_path(self) -> Path:
+        """``data/split.json``: the fact split as this run uses it (written with the data)."""
+        return self.data_dir / "split.json"
+
+    def _computed_split(self, facts: list[Fact], validation_fraction: float | None) -> dict[str, str]:
+        k = self.config.phase2.k if self.config.phase2.enabled else 0
+        d = self.config.data
+        seed = d.seed if d.seed is not None else self.config.seed
+        return split_facts(facts, k, self.config.inject.facts_per_relation, validation_fraction, seed)
+
+    def _write_split(self, facts: list[Fact]) -> None:
+        d = self.config.data
+        doc = {"validation_fraction": d.validation_fraction, "seed": d.seed if d.seed is not None else self.config.seed,
+               "split": self._computed_split(facts, d.validation_fraction)}
+        atomic_write_text(self.split_path, json.dumps(doc, indent=1) + "\n")
+
+    @property
+    def legacy_split(self) -> bool:
+        """True for a run written before the validation/test split (its data have no
+        ``split.json``): its held-out facts are all ``heldout``, so nothing tells validation from
+        test; ``rotelab report`` reports them as held-out and picks no hyper-parameters on them."""
+        return (self.data_dir / "facts.jsonl").is_file() and not self.split_path.is_file()
+
     @cached_property
     def split(self) -> dict[str, str]:
-        """fact id → ``train`` (a phase-2 training fact), ``heldout`` or ``injected`` (the last
-        ``inject.facts_per_relation`` facts of each relation, ablation C1)."""
-        k = self.config.phase2.k if self.config.phase2.enabled else 0
-        return split_facts(self.facts, k, self.config.inject.facts_per_relation)
+        """fact id → ``train`` (a phase-2 training fact), ``validation`` / ``test`` (the held-out
+        facts, divided by ``data.validation_fraction``; :func:`rotelab.facts.split_facts`) or
+        ``injected`` (the last ``inject.facts_per_relation`` facts of each relation, ablation C1).
+        Read from ``data/split.json``; a legacy run (:attr:`legacy_split`) keeps ``heldout``."""
+        self.ensure_data()
+        if self.legacy_split:
+            return self._computed_split(self.facts, None)
+        doc = json.loads(self.split_path.read_text(encoding="utf-8"))
+        split = {str(k): str(v) for k, v in doc["split"].items()}
+        missing = [f.id for f in self.facts if f.id not in split]
+        if missing:
+            raise RotelabError(f"{self.split_path}: no split for fact {missing[0]!r}")
+        return split
 
     def kinds(self) -> list[str]:
         """The prompt kinds this run has (``key`` only when phase 1 uses key tokens, ``meaningful``
@@ -333,7 +367,8 @@ class Run:
         self.ensure_data()
         fp = {
             "model": self.config.model.name,
-            "dataset": _sha256(self.data_dir / "facts.jsonl", self.data_dir / "relations.yaml"),
+            "dataset": _sha256(self.data_dir / "facts.jsonl", self.data_dir / "relations.yaml",
+                               *([self.split_path] if self.split_path.is_file() else [])),
             "config": config_sha256(self.config),
         }
         base = [e for e in self.checkpoints() if e.phase == "base" and e.path]

@@ -11,7 +11,7 @@ memorized`` gives a run), scored with the same MC rule and tokenization as ``rot
 retraining: the checkpoints are the run's own (training never reads the distractors).
 
 Appends ``RUN/mc_memorized.csv`` (``checkpoint, kind, split, n, mc_correct, filled_from_pool``;
-``split`` ∈ all, train, heldout); (checkpoint, kind) pairs already there are skipped.
+``split`` ∈ all, train, validation, test, heldout = validation ∪ test); (checkpoint, kind) pairs already there are skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rotelab.facts import memorized_distractors
+from rotelab.facts import memorized_distractors, split_mask, split_names
 from rotelab.probe.accuracy_metrics import item_scores, plan_kind
 from rotelab.probe.engines.hf import HFEngine
 from rotelab.prompts import answer_options
@@ -58,8 +58,8 @@ def main() -> None:
             plan = plan_kind(tok, k, list(items["text"]), list(items["object"]), answer_options(items, facts, k, n + 1))
             mc = item_scores(plan, eng.score(plan.requests))["mc_correct"]
             n_fill = sum(filled.get(f, 0) > 0 for f in items["fact_id"])
-            for s in ("all", "train", "heldout"):
-                sel = mc if s == "all" else mc[(items["split"] == s).to_numpy()]
+            for s in split_names(items["split"]):
+                sel = mc[split_mask(items["split"], s)]
                 if len(sel):
                     rows.append((c, k, s, len(sel), float(sel.mean()), n_fill))
         have = pd.concat([have, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)

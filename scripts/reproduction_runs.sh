@@ -5,6 +5,7 @@
 #   3. the familiarity control: MC accuracy with memorized distractors (scripts/mc_memorized.py);
 #   4. seed 0 only: capture + analyze the stage checkpoints (ΔCosSim / alignment rows).
 # Wall times go to runs/repro-times.log. One torch thread per process (2-core machine).
+# The tables: `rotelab report runs/repro-smollm2-seed=0` (all seeds found; reports/repro-smollm2/).
 set -euo pipefail
 SEED=${1:?seed}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -37,4 +38,5 @@ if [ "$SEED" = 0 ]; then
   t $RL capture "$RUN" --checkpoints base,p1-e10,p2-e04,sft-e04 --no-progress
   t $RL analyze "$RUN" --no-progress
 fi
+t $RL report "$RUN"   # the tables so far, over every seed present: reports/repro-smollm2/
 log "done"

@@ -48,13 +48,13 @@ def test_tiny_ablations_end_to_end(runs: Path) -> None:
     st = Store.open(run.store_path, mode="r")
     assert {"repurposed", "icl", "icl-translated-de", "reverse"} <= set(st.kinds())
     rep = st.kind("repurposed").items
-    assert set(rep["relation"]) == {"mother"} and set(rep["split"]) == {"train", "heldout", "injected"}
+    assert set(rep["relation"]) == {"mother"} and set(rep["split"]) == {"train", "validation", "test", "injected"}
     # every checkpoint of every series is evaluated; the injected facts have their own split
     test = st.kind("test")
     assert test.checkpoints == ids
     mc = test.read_item_array("mc_correct")
     assert np.isfinite(mc).all()
-    assert set(test.items["split"]) == {"train", "heldout", "injected"}
+    assert set(test.items["split"]) == {"train", "validation", "test", "injected"}
     assert json.loads((root / "data" / "distractors.json").read_text())["distractors_from"] == "memorized"
     for f in ("tokens_gen_correct.png", "curves_gen_correct_sft.png", "curves_gen_correct.png"):
         assert (root / "figures" / f).is_file(), f

@@ -52,7 +52,8 @@ def brute_delta_cossim(X: np.ndarray, rels: list[str]) -> float:
 
 
 def brute_alignment(key_X, key_items: pd.DataFrame, X, items: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """(relation, split) → mean over facts of (mean over the fact's templates of cos(key, prompt))."""
+    """(relation, split) → mean over facts of (mean over the fact's templates of cos(key, prompt));
+    splits: ``all``, each label, and ``heldout`` = the validation and test facts together."""
     key_row = {f: i for i, f in enumerate(key_items["fact_id"])}
     per_fact: dict[str, list[float]] = {}
     meta: dict[str, tuple[str, str]] = {}
@@ -63,7 +64,7 @@ def brute_alignment(key_X, key_items: pd.DataFrame, X, items: pd.DataFrame) -> d
     out: dict[tuple[str, str], list[float]] = {}
     for f, vals in per_fact.items():
         r, s = meta[f]
-        for split in ("all", s):
+        for split in ("all", s, *(("heldout",) if s in ("validation", "test") else ())):
             out.setdefault((r, split), []).append(sum(vals) / len(vals))
     return {k: sum(v) / len(v) for k, v in out.items()}
 
@@ -524,7 +525,10 @@ def test_metric_table_and_run_statistics(captured_run, monkeypatch):
     t = t[t["kind"] == "test"]
     row = t[(t["checkpoint"] == "p1-e02") & (t["split"] == "heldout") & (t["metric"] == "object_prob")].iloc[0]
     assert row["phase"] == "phase1" and row["kind"] == "test"
-    assert row["value"] == pytest.approx(vals["p1-e02"][split == "heldout"].mean(), rel=1e-6)
+    assert row["value"] == pytest.approx(vals["p1-e02"][np.isin(split, ["validation", "test"])].mean(), rel=1e-6)  # heldout = validation ∪ test
+    for s in ("validation", "test"):
+        row = t[(t["checkpoint"] == "p1-e02") & (t["split"] == s)].iloc[0]
+        assert row["value"] == pytest.approx(vals["p1-e02"][split == s].mean(), rel=1e-6)
     # statistics over two "seeds" with the default chance 1 / (distractors + 1)
     tables = iter([t, t.assign(value=t["value"] * 0.5)])
     monkeypatch.setattr(M, "metric_table", lambda r: next(tables))

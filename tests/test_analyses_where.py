@@ -362,7 +362,7 @@ def test_onset_run_table(random_store_run):
     assert t.loc[("test", f0), "onset"] == "p1-e01" and t.loc[("test", f0), "onset_index"] == 1
     assert t.loc[("test", f1), "onset"] == "" and t.loc[("test", f1), "first_correct"] == "base"
     assert t.loc[("test", f2), "onset"] == "p1-e02" and t.loc[("test", f2), "final_acc"] == 0.5
-    assert len(t) == len(set(facts)) and set(t["split"]) <= {"train", "heldout"}
+    assert len(t) == len(set(facts)) and set(t["split"]) <= {"train", "validation", "test"}
     stored = st.read_table("onset")
     assert len(stored) == len(t)
 
@@ -397,7 +397,7 @@ def test_where_run_and_figures(lens_run, tmp_path):
     csv = pd.read_csv(out / "logit_lens_rank.csv")
     rank = g.read_derived("logit_lens_rank")
     split = g.items["split"].to_numpy()
-    want = rank[1, -1][split == "heldout"].mean()
+    want = rank[1, -1][np.isin(split, ["validation", "test"])].mean()  # heldout = validation ∪ test
     got = csv[(csv["kind"] == "test") & (csv["checkpoint"] == "p1-e01") & (csv["layer"] == g.layers[-1])]["rank"].iloc[0]
     assert got == pytest.approx(want, rel=1e-6)
     assert [a.get_title() for a in fig.axes[:2]] == ["key", "test"]
@@ -407,7 +407,7 @@ def test_where_run_and_figures(lens_run, tmp_path):
                        g.read_derived("probe_relation_acc").ravel(), atol=1e-6)
     fig = FW.plot_onset_histogram(run, out_dir=out)
     csv = pd.read_csv(out / "onset.csv")
-    assert csv["facts"].sum() == (st.read_table("onset").query("kind == 'test' and split == 'heldout'").shape[0])
+    assert csv["facts"].sum() == (st.read_table("onset").query("kind == 'test' and split in ['validation', 'test']").shape[0])
     plt.close("all")
     res = figures_run(run, note=lambda m: None)
     for name in ("logit_lens_prob", "probe_relation_acc", "probe_transfer_acc", "cka_base", "cka_prev", "onset"):

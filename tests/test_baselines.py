@@ -106,6 +106,11 @@ def split_of(run: Run, facts: list[dict]) -> dict[str, str]:
     return out
 
 
+def merged_heldout(split: dict[str, str]) -> dict[str, str]:
+    """``split`` with validation and test merged into ``heldout`` (what :func:`split_of` computes)."""
+    return {f: "heldout" if s in ("validation", "test") else s for f, s in split.items()}
+
+
 # ----------------------------------------------------------------------------- SFT (§5, B.5)
 
 
@@ -276,7 +281,8 @@ def test_inject_memorizes_new_facts_after_phase2(tmp_path: Path, monkeypatch) ->
     facts, rels = raw_facts(run), raw_relations(run)
     assert len(facts) == 3 * (5 + 2)
     split = split_of(run, facts)
-    assert run.split == split and Counter(split.values()) == {"train": 6, "heldout": 9, "injected": 6}
+    assert merged_heldout(run.split) == split and Counter(split.values()) == {"train": 6, "heldout": 9, "injected": 6}
+    assert Counter(run.split.values()) == {"train": 6, "validation": 6, "test": 3, "injected": 6}  # 3 held out: 2 + 1
     got = fed.take()
     tok = load_tokenizer(run.checkpoint_dir("base"))
     key = {r: rels[r]["key_token"] for r in rels}
@@ -290,7 +296,7 @@ def test_inject_memorizes_new_facts_after_phase2(tmp_path: Path, monkeypatch) ->
     assert entries[-1].total_tokens == entries[2].total_tokens + entries[-1].tokens_seen
     # the injected facts are asked with train and test prompts, as their own split
     for kind in ("train", "test"):
-        assert set(run.items(kind).split) == {"train", "heldout", "injected"}
+        assert set(run.items(kind).split) == {"train", "validation", "test", "injected"}
 
 
 # ----------------------------------------------------------------------------- repurpose (§7, G.2), reverse (G.1)

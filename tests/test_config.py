@@ -58,6 +58,24 @@ def test_sweep_expands_into_named_siblings() -> None:
     assert all(not r.sweep for r in runs)
 
 
+def test_sweep_cases_set_several_keys_together() -> None:
+    from rotelab.config import config_from_dict
+
+    cfg = Config(name="a", data={"facts_per_relation": 20},
+                 sweep={"seed": [0, 1], "case": [{"name": "C1", "inject.facts_per_relation": 4, "inject.epochs": 3},
+                                                  {"name": "C2", "phase1.mode": "no_key"}]})
+    runs = expand_sweep(cfg)
+    assert [r.name for r in runs] == ["a-seed=0-case=C1", "a-seed=0-case=C2", "a-seed=1-case=C1", "a-seed=1-case=C2"]
+    assert [(r.phase1.mode, r.inject.facts_per_relation, r.inject.epochs) for r in runs[:2]] == [("key", 4, 3), ("no_key", 0, 20)]
+    for bad, needle in (({"case": [{"phase1.mode": "no_key"}]}, "non-empty 'name'"),
+                        ({"case": [{"name": "x", "phase1.nope": 1}]}, "unknown key 'phase1.nope'"),
+                        ({"case": [{"name": "a=b"}]}, "contains '='"),
+                        ({"case": [{"name": "x"}, {"name": "x"}]}, "repeated"),
+                        ({"case": [{"name": "C2", "phase1.mode": "no_key", "inject.facts_per_relation": 2}]}, "needs phase1.mode 'key'")):
+        with pytest.raises(RotelabError, match=needle):
+            expand_sweep(config_from_dict({"name": "a", "sweep": bad}, "t.yaml"))
+
+
 def test_result_differences_ignore_runtime_knobs() -> None:
     a = Config(name="a")
     b = Config(name="b", eval={"batch_size": 3}, phase1={"lr": 1e-3}, data={"relations": ["capital"]})

@@ -165,3 +165,55 @@ def test_item_tables_per_kind() -> None:
     assert set(de[de.fact_id == facts[0].id].split) == {"train"} and set(de[de.fact_id != facts[0].id].split) == {"heldout"}
     opts = answer_options(build_items(facts, RELS, "test"), facts, "test")
     assert all(o[0] == f.object and len(o) == 100 and len(set(o)) == 100 for o, f in zip(opts[::10], facts))
+
+
+# ----------------------------------------------------------------------------- validation / test split
+
+
+def test_split_facts_divides_the_heldout_facts_into_validation_and_test() -> None:
+    from collections import Counter
+
+    from rotelab.facts import split_facts, split_mask, split_names
+
+    rels = select_relations(builtin_relations(), ["capital", "author"], "test")
+    facts = generate_facts(rels, 11, seed=0, n_distractors=5)
+    s = split_facts(facts, k=2, injected=1, validation_fraction=0.5, seed=7)
+    for rel in ("capital", "author"):
+        ids = [f.id for f in facts if f.relation == rel]  # file order
+        assert [s[i] for i in ids[:2]] == ["train", "train"] and s[ids[-1]] == "injected"
+        held = Counter(s[i] for i in ids[2:-1])
+        assert held == {"validation": 4, "test": 4}  # 8 held out: floor(0.5 * 8 + 0.5) = 4
+    # seeded: the same seed gives the same division, another seed another one; train/injected stay
+    assert split_facts(facts, 2, 1, 0.5, 7) == s
+    other = split_facts(facts, 2, 1, 0.5, 8)
+    assert other != s and {i for i, v in other.items() if v in ("train", "injected")} == {i for i, v in s.items() if v in ("train", "injected")}
+    # fraction 0: everything held out is test; None: the legacy label
+    assert set(split_facts(facts, 2, 1, 0.0, 7).values()) == {"train", "test", "injected"}
+    assert set(split_facts(facts, 2, 1, None, 7).values()) == {"train", "heldout", "injected"}
+    assert Counter(split_facts(facts, 2, 0, 0.3, 7).values()) == {"train": 4, "validation": 6, "test": 12}  # 9 per relation: 3 / 6
+    labels = ["train", "validation", "test", "heldout", "injected"]
+    assert list(split_mask(labels, "heldout")) == [False, True, True, True, False]
+    assert list(split_mask(labels, "all")) == [True] * 5 and list(split_mask(labels, "test")) == [False, False, True, False, False]
+    assert split_names(["train", "test", "validation"]) == ["all", "test", "train", "validation", "heldout"]
+    assert split_names(["train", "heldout"]) == ["all", "heldout", "train"]
+
+
+def test_run_records_its_split_and_legacy_runs_keep_heldout(tmp_path: Path) -> None:
+    from rotelab.config import config_from_dict
+    from rotelab.run import Run
+
+    cfg = config_from_dict({"name": "s", "seed": 3, "model": {"name": "tiny-llama"},
+                            "data": {"relations": ["capital"], "facts_per_relation": 9, "distractors": 5,
+                                     "languages": ["de"], "validation_fraction": 0.25},
+                            "phase2": {"k": 1}})
+    run = Run.create(cfg, tmp_path / "new")
+    doc = json.loads((tmp_path / "new" / "data" / "split.json").read_text())
+    assert doc["validation_fraction"] == 0.25 and doc["seed"] == 3
+    assert sorted(doc["split"].values()).count("validation") == 2 and sorted(doc["split"].values()).count("test") == 6
+    assert Run.open(run.root).split == doc["split"] and not run.legacy_split
+    assert set(run.items("test")["split"]) == {"train", "validation", "test"}
+    # a run written before the split (no split.json): every held-out fact stays ``heldout``
+    (run.root / "data" / "split.json").unlink()
+    old = Run.open(run.root)
+    assert old.legacy_split and set(old.split.values()) == {"train", "heldout"}
+    assert set(old.items("test")["split"]) == {"train", "heldout"}

@@ -98,7 +98,7 @@ def phase2_texts(
     """``[(fact_id, prompt, answer, entity in the prompt)]`` of phase 2 (and the SFT baselines).
 
     The facts whose split is in ``splits`` (phase 2: the ``train`` facts; the paper's SFT:
-    ``train`` and ``heldout``, i.e. every fact phase 1 memorizes) × the P templates of ``kind``
+    ``train``, ``validation`` and ``test``, i.e. every fact phase 1 memorizes) × the P templates of ``kind``
     that phase 2 trains (:func:`rotelab.prompts.phase2_template_ids`; ``train`` or ``reverse``);
     ``repurpose`` maps a relation to the relation whose templates teach it (paper §7).
     """

@@ -29,6 +29,7 @@ from pathlib import Path
 from rotelab.checkpoints import CheckpointEntry, read_index
 from rotelab.config import Config
 from rotelab.errors import RotelabError
+from rotelab.facts import HELDOUT_SPLITS, LEGACY_HELDOUT
 from rotelab.run import Run
 from rotelab.train import engine as eng
 from rotelab.train import series
@@ -43,8 +44,9 @@ def phase1_key(config: Config) -> str:
     (:func:`import_phase1`)."""
     d = config.model_dump(mode="json")
     train = {k: v for k, v in d["train"].items() if k not in ("keep_weights", "deepspeed")}
-    # the injected facts change the generated facts; the MC distractor source changes no training
-    data = {k: v for k, v in d["data"].items() if k != "distractors_from"}
+    # the injected facts change the generated facts; the MC distractor source and the
+    # validation/test division of the held-out facts change no training
+    data = {k: v for k, v in d["data"].items() if k not in ("distractors_from", "validation_fraction")}
     payload = {"model": d["model"], "data": data, "seed": d["seed"], "phase1": d["phase1"], "train": train}
     if d["inject"]["facts_per_relation"]:
         payload["inject_facts"] = d["inject"]["facts_per_relation"]
@@ -130,8 +132,12 @@ def _phase1_shape(run: Run) -> Stage:
     return Stage.of("phase1", "p1", "main", dummy, p1, Path("."))
 
 
+#: The splits the paper's SFT baseline trains: every fact phase 1 memorizes (legacy runs' ``heldout`` too).
+SFT_SPLITS = ("train", *HELDOUT_SPLITS, LEGACY_HELDOUT)
+
+
 def _phase2_examples(run: Run, splits: tuple[str, ...] = ("train",)):
-    """Phase 2's examples (``splits=("train",)``), or the paper's SFT data (``("train", "heldout")``:
+    """Phase 2's examples (``splits=("train",)``), or the paper's SFT data (``SFT_SPLITS``:
     every fact phase 1 memorizes, through the same P templates)."""
     cfg, p2 = run.config, run.config.phase2
     tok = _tokenizer(run)
@@ -203,12 +209,13 @@ def train_inject(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
 
 def train_sft_baseline(run: Run, *, progress: bool = True) -> list[CheckpointEntry]:
     """The paper's SFT baseline (§5, Appendix B.5; series ``sft``): from ``base``, every fact
-    phase 1 memorizes (``train`` and ``heldout``; not the ``injected`` ones) × the same P train
+    phase 1 memorizes (``train``, ``validation`` and ``test`` — legacy runs: ``heldout``; not the
+    ``injected`` ones) × the same P train
     templates as phase 2, ``"{train template} {object}"`` with phase 2's loss mask (object only by
     default), epochs, lr and batch size. B.5: "the same parameters … just changing the dataset"."""
     p2 = run.config.phase2
     ensure_base_checkpoint(run)
-    stage = Stage.of("sft", "sft", "sft", _phase2_examples(run, ("train", "heldout")), p2, run.checkpoint_dir("base"))
+    stage = Stage.of("sft", "sft", "sft", _phase2_examples(run, SFT_SPLITS), p2, run.checkpoint_dir("base"))
     return run_stage(run, stage, progress=progress)
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from rotelab.checkpoints import CheckpointEntry
 from rotelab.errors import RotelabError
+from rotelab.facts import split_mask
 from rotelab.run import Run
 from rotelab.store import MissingDataError, Store
 
@@ -332,7 +333,7 @@ class RunData:
             vals = g.read_item_array(name)
             n = min(len(cpos), vals.shape[0])
             for s, sp in enumerate(SPLITS):
-                sel = vals[:n, split == sp]
+                sel = vals[:n, split_mask(split, sp)]
                 if sel.shape[1] == 0:
                     continue
                 cnt = np.sum(~np.isnan(sel), axis=1)
