@@ -1,5 +1,5 @@
 """rotelab.analyses — ΔCosSim, projections, key-token alignment drift, activation patching,
-logit lens, relation probes, CKA drift, generalization onset, statistics across seeds and the
+logit lens, causal tracing, relation probes, CKA drift, generalization onset, statistics across seeds and the
 paper's figures.
 
 Pure functions over numpy (``delta_cossim``, ``relation_similarities``, ``alignment_by_relation``,
@@ -25,6 +25,7 @@ _LAZY = {
     "logit_lens_run": "logit_lens", "logit_lens_table": "logit_lens",
     "final_norm_and_head": "logit_lens", "probe_accuracy": "probes", "transfer_accuracy": "probes",
     "fact_folds": "probes", "linear_cka": "cka", "onset_index": "onset", "onset_run": "onset", "where_run": "where",
+    "causal_trace_run": "causal_trace", "trace_items": "causal_trace",
 }
 
 
@@ -43,5 +44,5 @@ __all__ = [
     "patch", "patched_forward", "patching_run", "project", "project_kinds", "project_slabs", "relation_similarities",
     "metric_table", "run_statistics", "sample_items", "seed_statistics", "with_delta", "write_summary",
     "fact_folds", "final_norm_and_head", "linear_cka", "logit_lens_run", "logit_lens_table", "onset_index",
-    "onset_run", "probe_accuracy", "transfer_accuracy", "where_run",
+    "onset_run", "probe_accuracy", "transfer_accuracy", "where_run", "causal_trace_run", "trace_items",
 ]

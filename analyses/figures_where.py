@@ -11,6 +11,7 @@ as CSV into ``out_dir`` (default ``run.figures_dir``). Dotted vertical lines mar
 | :func:`plot_probe` | ``probe_relation_acc`` or ``probe_transfer_acc`` |
 | :func:`plot_cka` | ``cka_prev`` or ``cka_base`` |
 | :func:`plot_onset_histogram` | the ``onset`` table: facts per onset checkpoint, per relation × kind |
+| :func:`plot_causal_trace` | the ``causal_trace`` table: mean effect per layer × position, per checkpoint × kind |
 """
 
 from __future__ import annotations
@@ -197,6 +198,46 @@ def plot_onset_histogram(run: Run, kinds: Sequence[str] | None = None, *, split:
     return _finish(fig, data, name, run, out_dir, save)
 
 
+def plot_causal_trace(run: Run, kinds: Sequence[str] | None = None, *, split: str = "heldout", value: str = "effect",
+                      name: str = "causal_trace", out_dir: str | Path | None = None, save: bool = True,
+                      style: Mapping[str, Any] | None = None) -> Figure:
+    """Causal tracing (ROME Fig. 1 style): per traced checkpoint (columns) and kind (rows), the mean
+    ``value`` (``effect``, or ``restored``) over the ``split`` items as a layer × position heatmap."""
+    t = open_store(run, "r").read_table("causal_trace")
+    if t is None or t.empty:
+        raise RotelabError(f"{run.store_path}: no causal_trace table (enable analyses.causal_trace, then `rotelab analyze`)")
+    if kinds is not None:
+        t = t[t["kind"].isin(kinds)]
+    t, split = _split_select(t, split)
+    if t.empty:
+        raise RotelabError(f"{run.store_path}: no causal_trace rows for the selected kinds")
+    order = {c: i for i, c in enumerate(_order(run))}
+    cps = sorted(set(t["checkpoint"]), key=lambda c: order.get(c, len(order)))
+    ks = list(dict.fromkeys(t["kind"]))
+    pos_order = [p for p in ("subject_last", "key", "last", "all") if p in set(t["position"])]
+    data = (t.groupby(["checkpoint", "kind", "layer", "position"])[value].mean().rename(value).reset_index().assign(split=split))
+    layers = sorted(set(data["layer"]))
+    with plt.rc_context({**STYLE, **(style or {}), "axes.grid": False}):
+        fig, axes = plt.subplots(len(ks), len(cps), figsize=(2.2 * len(cps) + 1.2, 0.16 * len(layers) * len(ks) + 1.2),
+                                 squeeze=False, sharey=True)
+        im = None
+        for r, k in enumerate(ks):
+            for c, ck in enumerate(cps):
+                ax = axes[r][c]
+                d = data[(data["kind"] == k) & (data["checkpoint"] == ck)]
+                grid = d.pivot(index="layer", columns="position", values=value).reindex(index=layers, columns=pos_order)
+                im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="magma",
+                               vmin=0.0 if value == "effect" else None, vmax=1.0 if value == "effect" else None)
+                ax.set_xticks(range(len(pos_order)), pos_order, rotation=30, ha="right")
+                ax.set_title(f"{ck} · {k}")
+                if c == 0:
+                    ax.set_ylabel("layer (resid)")
+        if im is not None:
+            fig.colorbar(im, ax=axes, shrink=0.8, label="restoration effect" if value == "effect" else value)
+        fig.suptitle(f"causal tracing ({split} facts): restoring one clean state after corrupting the subject")
+    return _finish(fig, data, name, run, out_dir, save)
+
+
 def where_jobs(run: Run) -> list[tuple[str, Callable[[], Figure]]]:
     """The figures of this module for :func:`rotelab.analyses.figures.figures_run`."""
     return [
@@ -207,8 +248,9 @@ def where_jobs(run: Run) -> list[tuple[str, Callable[[], Figure]]]:
         ("cka_base", lambda: plot_cka(run, "cka_base")),
         ("cka_prev", lambda: plot_cka(run, "cka_prev")),
         ("onset", lambda: plot_onset_histogram(run)),
+        ("causal_trace", lambda: plot_causal_trace(run)),
     ]
 
 
-__all__ = ["derived_table", "heatmap_panels", "plot_cka", "plot_logit_lens", "plot_onset_histogram", "plot_probe",
+__all__ = ["derived_table", "heatmap_panels", "plot_causal_trace", "plot_cka", "plot_logit_lens", "plot_onset_histogram", "plot_probe",
            "where_jobs"]

@@ -6,7 +6,9 @@
 * ``analyses.probes`` — :mod:`.probes`: ``probe_relation_acc`` [checkpoint, layer] in the
   ``probe_kinds``, ``probe_transfer_acc`` (trained on key) in the ``probe_transfer_kinds``;
 * ``analyses.cka`` — :mod:`.cka`: ``cka_prev`` / ``cka_base`` [checkpoint, layer] in every captured kind;
-* ``analyses.onset`` — :mod:`.onset`: the store table ``onset`` (from ``gen_correct``; needs no capture).
+* ``analyses.onset`` — :mod:`.onset`: the store table ``onset`` (from ``gen_correct``; needs no capture);
+* ``analyses.causal_trace`` — :mod:`.causal_trace`: the store table ``causal_trace`` (new forward
+  passes of the stage checkpoints; needs no capture).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ Note = Callable[[str], None]
 
 def where_run(run: Run, store: Store, kinds: Sequence[str], *, progress: bool = True, note: Note = print) -> dict[str, Any]:
     """Run the enabled steps over the captured ``kinds``; returns ``{"logit_lens": {kind: cells},
-    "probes": {kind: cells}, "cka": {kind: cells}, "onset": rows}``."""
+    "probes": {kind: cells}, "cka": {kind: cells}, "onset": rows, "causal_trace": rows}``."""
     cfg = run.config.analyses
-    out: dict[str, Any] = {"logit_lens": {}, "probes": {}, "cka": {}, "onset": 0}
+    out: dict[str, Any] = {"logit_lens": {}, "probes": {}, "cka": {}, "onset": 0, "causal_trace": 0}
     kinds = list(kinds)
     if cfg.logit_lens and kinds:
         from .logit_lens import logit_lens_run
@@ -50,6 +52,11 @@ def where_run(run: Run, store: Store, kinds: Sequence[str], *, progress: bool = 
 
         t = onset_run(run, store, threshold=cfg.onset_threshold, note=note)
         out["onset"] = 0 if t is None else len(t)
+    if cfg.causal_trace.enabled:
+        from .causal_trace import causal_trace_run
+
+        t = causal_trace_run(run, progress=progress, note=note)
+        out["causal_trace"] = 0 if t is None else len(t)
     return out
 
 

@@ -224,12 +224,34 @@ class PatchingConfig(_Section):
     metric: Literal["object_logprob", "object_prob", "first_token_logprob"] = "object_logprob"
 
 
+class CausalTraceConfig(_Section):
+    """Causal tracing over the series (:mod:`rotelab.analyses.causal_trace`, ROME §2.1)."""
+
+    enabled: bool = True
+    checkpoints: list[str] | None = None
+    """Checkpoints traced (default: the stage checkpoints — base, last phase 1, last phase 2)."""
+    kinds: list[str] = Field(default_factory=lambda: ["key", "test"])
+    """Prompt kinds traced (kinds with one subject mention: not ICL)."""
+    facts_per_relation: int = Field(1, ge=1)
+    """Sampled facts (one template each) per relation and split, seeded by the run's seed (one keeps
+    the demo's cost at ~2 min on 2 cores: every cell is a row of a batched forward)."""
+    layers: list[int] | None = None
+    """Sites ``resid[v]`` restored (default: every layer, 0 = embeddings)."""
+    positions: list[Literal["subject_last", "key", "last", "all"]] = Field(default_factory=lambda: ["subject_last", "key", "last"])
+    noise_scale: float = Field(3.0, ge=0)
+    """ν = noise_scale × σ (σ: std of the subject tokens' embedding entries; ROME uses 3)."""
+    samples: int = Field(1, ge=1)
+    """Noise draws averaged per cell (ROME: 10)."""
+
+
 class AnalysesConfig(_Section):
     projections: list[Literal["pca", "umap"]] = setting(default_factory=lambda: ["pca"])
     reference_checkpoint: str | None = setting(None)
     """Reference for ΔSimilarity of the key-token drift (default: the last phase-1 checkpoint)."""
     patching: PatchingConfig = setting(default_factory=PatchingConfig)
     """The configured patching sweep (a section: ``analyses.patching.enabled``, …)."""
+    causal_trace: CausalTraceConfig = setting(default_factory=CausalTraceConfig)
+    """Causal tracing of the stage checkpoints (a section: ``analyses.causal_trace.enabled``, …)."""
     projection_fit_on: str = setting("per-slab")
     """``per-slab`` (each checkpoint × layer fitted on its own) or a checkpoint id whose slab of the
     same layer the projection is fitted on and then applied to every checkpoint."""
