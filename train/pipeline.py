@@ -330,7 +330,7 @@ def prune_consumed_weights(run: Run) -> list[str]:
     also ran ``eval`` and ``capture`` — never before, and never from ``rotelab train``.
 
     Always kept (what later stages and a new analysis may load): ``base`` (the patching target
-    and the untrained reference), the configured ``analyses.patching.checkpoints``, every folder a
+    and the untrained reference), the configured ``analyses.patching.checkpoints`` and ``analyses.causal_trace.checkpoints``, every folder a
     sweep sibling links to, and with ``latest``/an int the phase-2 start and the last point of
     every stage (the inject stage starts from the last phase-2 point), with ``final`` the last
     point of every series only (the smallest set: a finished run needs no phase-2 start). A result a later
@@ -345,6 +345,8 @@ def prune_consumed_weights(run: Run) -> list[str]:
         protected.add(str(start))
     if run.config.analyses.patching.enabled and run.config.analyses.patching.checkpoints:
         protected |= {run.checkpoint(c).id for c in run.config.analyses.patching.checkpoints}
+    if run.config.analyses.causal_trace.enabled and run.config.analyses.causal_trace.checkpoints:
+        protected |= {run.checkpoint(c).id for c in run.config.analyses.causal_trace.checkpoints}
     return series.prune_weights(run, keep, protected)
 
 
