@@ -371,21 +371,31 @@ async def test_every_action_has_a_binding_a_help_line_and_a_palette_entry(demo_d
     from what the running app exposes (its screens' bindings, the help text, the palette hits)."""
     from textual.command import DiscoveryHit
 
-    from rotelab.tui.actions import APP_ACTIONS, FACT_ACTIONS, HELP_SECTIONS, MAIN_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS
+    from rotelab.tui.actions import (
+        APP_ACTIONS,
+        FACT_ACTIONS,
+        HELP_SECTIONS,
+        MAIN_ACTIONS,
+        PATCHING_ACTIONS,
+        PICKER_ACTIONS,
+        WHERE_ACTIONS,
+    )
+    from rotelab.tui.screens import WhereScreen
     from rotelab.tui.app import BrowserCommands
 
     def keys_of(bindings) -> dict[str, str]:
         return {k: b.action for b in bindings for k in b.key.split(",")}
 
     for screen, actions in ((MainScreen, MAIN_ACTIONS), (FactScreen, FACT_ACTIONS), (PatchingScreen, PATCHING_ACTIONS),
-                            (RunPicker, PICKER_ACTIONS)):
+                            (WhereScreen, WHERE_ACTIONS), (RunPicker, PICKER_ACTIONS)):
         bound = keys_of(screen.BINDINGS)
         for a in actions:
             assert all(bound.get(k) == a.action for k in a.keys.split(",")), (screen.__name__, a)
             assert hasattr(screen, f"action_{a.action.split('(')[0]}") or a.action.startswith("app."), a
     app_bound = keys_of(RotelabApp.BINDINGS) | {RotelabApp.COMMAND_PALETTE_BINDING: "command_palette"}
     assert all(app_bound.get(a.keys) == a.action for a in APP_ACTIONS)
-    assert [t for t, _ in HELP_SECTIONS] == ["main screen", "fact drill-down", "patching", "run picker", "everywhere"]
+    assert [t for t, _ in HELP_SECTIONS] == ["main screen", "fact drill-down", "patching", "where the fact lives", "run picker",
+                                             "everywhere"]
 
     app = RotelabApp(demo_dir, export_dir=tmp_path)
     async with app.run_test(size=SIZE) as pilot:

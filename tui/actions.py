@@ -55,6 +55,7 @@ MAIN_ACTIONS: tuple[Action, ...] = (
     Action("s", "series", "series", "Next checkpoint series", "main, or a baseline series such as sft"),
     Action("f", "find_fact", "fact", "Find a fact", "Drill down into one fact's prompts, generations and probabilities", True),
     Action("p", "patching", "patching", "Patching heatmap", "Layer × checkpoint activation patching results", True),
+    Action("w", "where", "where", "Where the fact lives", "Layer × checkpoint heatmaps: logit lens, relation probes, CKA drift", True),
     Action("e", "export", "export", "Export current view", "Write the view as a paper figure (PNG, PDF, SVG + CSV)", True),
     Action("r", "refresh", "refresh", "Refresh from store", "Re-read what has been committed since", True),
     Action("escape", "back", "runs", "Back to the runs", "Return to the run picker (when opened from a folder of runs)"),
@@ -69,6 +70,11 @@ PATCHING_ACTIONS: tuple[Action, ...] = (
     Action("t", "panel", "next panel", "Next panel", "Cycle the heatmap panels", True),
     Action("e", "export", "export", "Export panel", "Write the panel as a paper figure", True),
 )
+WHERE_ACTIONS: tuple[Action, ...] = (
+    Action("escape,backspace", "app.pop_screen", "back", "Back", "Return to the main screen", True),
+    Action("t", "panel", "next panel", "Next panel", "Cycle the heatmap panels", True),
+    Action("e", "export", "export", "Export panel", "Write the panel's analysis as a paper figure (all kinds)", True),
+)
 PICKER_ACTIONS: tuple[Action, ...] = (
     Action("enter", "open", "open run", "Open run", "Browse the selected run", True),
     Action("r", "rescan", "rescan", "Rescan", "Re-read the folder of runs", True),
@@ -82,6 +88,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[Action, ...]], ...] = (
     ("main screen", MAIN_ACTIONS),
     ("fact drill-down", FACT_ACTIONS),
     ("patching", PATCHING_ACTIONS),
+    ("where the fact lives", WHERE_ACTIONS),
     ("run picker", PICKER_ACTIONS),
     ("everywhere", APP_ACTIONS),
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,17 @@ class Point:
         return f"{self.phase}{ep}"
 
 
+WHERE_ARRAYS: dict[str, str] = {
+    "logit_lens_prob": "logit lens: P(first object token), held-out items",
+    "probe_relation_acc": "relation probe accuracy (folds by fact)",
+    "probe_transfer_acc": "relation probe trained on key prompts",
+    "cka_base": "linear CKA with base",
+    "cka_prev": "linear CKA with the previous checkpoint",
+}
+"""The layer × checkpoint heatmaps of the where screen, by name (``logit_lens_prob`` is derived
+from the stored ``logit_lens_logprob`` [checkpoint, layer, item]; the others are stored as they are)."""
+
+
 @dataclass
 class Snapshot:
     """Everything small the screens show, read once per (re)load. Arrays along ``checkpoint`` follow
@@ -102,6 +114,12 @@ class Snapshot:
     """kind -> committed (checkpoint, layer) cells of its first projection array."""
     message: str = ""
     """Why something is empty (no store yet, ...); "" when the store was read."""
+    where: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """kind -> {name: float [checkpoint, layer]} of the where-the-fact-lives analyses present
+    (:data:`WHERE_ARRAYS`: logit-lens P of the first object token (mean over held-out items),
+    relation probes, CKA drift)."""
+    causal_trace: pd.DataFrame | None = None
+    """The ``causal_trace`` table (None when the run has none)."""
 
     # ---------------------------------------------------------------- series helpers
     def series(self) -> list[str]:
@@ -278,13 +296,14 @@ class RunData:
             layers.sort()
             items = {k: g.items for k, g in groups.items()}
             relations = sorted({str(r) for df in items.values() for r in df["relation"].tolist()})
-            dcs, projs, acc, present, committed = {}, {}, {}, {}, {}
+            dcs, projs, acc, present, committed, where = {}, {}, {}, {}, {}, {}
             for k, g in groups.items():
                 derived = set(g.derived_arrays())
                 cpos = self._global_positions(g.checkpoints, points)
                 lpos = [layers.index(v) for v in g.layers]
                 if "delta_cossim" in derived:
                     dcs[k] = self._align(g.read_derived("delta_cossim"), g.dims("delta_cossim"), cpos, lpos, len(points), len(layers))
+                where[k] = self._where(g, items[k], derived, cpos, lpos, len(points), len(layers))
                 projs[k] = sorted(n for n in derived if n.startswith("proj_"))
                 if projs[k]:
                     committed[k] = int(g.committed(projs[k][0]).sum())
@@ -296,6 +315,8 @@ class RunData:
                 self._table(store, "alignment"), self._table(store, "patching"),
                 {k: np.searchsorted(np.asarray(relations), df["relation"].astype(str).to_numpy()) for k, df in items.items()},
                 committed,
+                where=where,
+                causal_trace=self._table(store, "causal_trace"),
             )
             self.snapshot = snap
             return snap
@@ -320,6 +341,22 @@ class RunData:
             return out
         n = min(len(cpos), data.shape[0])
         out[np.ix_(cpos[:n], lpos)] = data[:n]
+        return out
+
+    @classmethod
+    def _where(cls, g, items: pd.DataFrame, derived: set[str], cpos: list[int], lpos: list[int], nc: int, nl: int) -> dict[str, np.ndarray]:
+        """The :data:`WHERE_ARRAYS` this kind has, on the global grid."""
+        out: dict[str, np.ndarray] = {}
+        if "logit_lens_logprob" in derived:
+            lp = g.read_derived("logit_lens_logprob")  # [checkpoint, layer, item]
+            held = split_mask(items["split"].astype(str).to_numpy(), "heldout")
+            sel = lp[:, :, held] if held.any() else lp
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
+                out["logit_lens_prob"] = cls._align(np.nanmean(np.exp(sel), axis=-1), ("checkpoint", "layer"), cpos, lpos, nc, nl)
+        for name in WHERE_ARRAYS:
+            if name in derived and name != "logit_lens_prob":
+                out[name] = cls._align(g.read_derived(name), g.dims(name), cpos, lpos, nc, nl)
         return out
 
     @staticmethod

@@ -77,6 +77,25 @@ def export_patching(run: Run, keys: dict[str, str], out_dir: Path) -> list[Path]
                    metric=keys.get("metric"), position=keys.get("position", "last"))
 
 
+def export_where(run: Run, keys: dict[str, str], out_dir: Path) -> list[Path]:
+    """The where-the-fact-lives figure of one panel (``keys``: ``array`` of
+    :data:`rotelab.tui.data.WHERE_ARRAYS`, ``kind``): the same analysis for every kind, as
+    :mod:`rotelab.analyses.figures_where` draws it."""
+    try:
+        fw = importlib.import_module("rotelab.analyses.figures_where")
+    except ImportError as err:
+        raise RotelabError(f"figure export needs rotelab.analyses.figures_where ({err})") from None
+    array, out = keys.get("array", ""), Path(out_dir)
+    name = _safe(f"tui_{array}")
+    if array == "logit_lens_prob":
+        return _render(fw.plot_logit_lens, name, out, run, value="prob")
+    if array.startswith("probe_"):
+        return _render(fw.plot_probe, name, out, run, array)
+    if array.startswith("cka_"):
+        return _render(fw.plot_cka, name, out, run, array)
+    raise RotelabError(f"no figure for the where panel {array!r}")
+
+
 def describe(paths: Sequence[Path]) -> str:
     """One line for the notification: the first file and the other types."""
     if not paths:

@@ -25,8 +25,8 @@ from . import views
 from .actions import MAIN_ACTIONS, bindings
 from .data import Point, RunData, Snapshot
 from .panels import AccuracyPanel, CurvesPanel, PositionBar, ScatterPanel
-from .screens import ExportDone, FactPicker, FactScreen, PatchingScreen, notify_export
-from .views import ALL, PatchingPanel, Selection, SlabRequest, patching_panels
+from .screens import ExportDone, FactPicker, FactScreen, PatchingScreen, WhereScreen, notify_export
+from .views import ALL, HeatmapPanel, Selection, SlabRequest, patching_panels, where_panels
 from .widgets import LayerBar, ScatterPlot, Timeline, legend
 
 __all__ = ["ALL", "MainScreen", "SlabRequest"]
@@ -318,11 +318,18 @@ class MainScreen(Screen):
             self.app.push_screen(FactScreen(self.data, fact_id, self._point_index(), self.series))
 
     def action_patching(self) -> None:
-        panels: list[PatchingPanel] = patching_panels(self.snap.patching if self.snap else None, self.snap.points if self.snap else [])
+        panels: list[HeatmapPanel] = patching_panels(self.snap.patching if self.snap else None, self.snap.points if self.snap else [])
         if not panels:
             self.notify("no patching results in this run (analyses.patching)", severity="warning")
             return
         self.app.push_screen(PatchingScreen(panels, self.data.run))
+
+    def action_where(self) -> None:
+        panels = where_panels(self.snap, self.selection)
+        if not panels:
+            self.notify("no logit lens, probe or CKA results in this run (rotelab analyze)", severity="warning")
+            return
+        self.app.push_screen(WhereScreen(panels, self.data.run))
 
     def action_export(self) -> None:
         if self.snap is None or not self.snap.points or not self.snap.layers:

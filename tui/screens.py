@@ -1,4 +1,5 @@
-"""Secondary screens: run picker, fact picker, fact drill-down, patching heatmap, help."""
+"""Secondary screens: run picker, fact picker, fact drill-down, patching and where-the-fact-lives
+heatmaps, help."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from textual.worker import get_current_worker
 from rotelab.errors import RotelabError
 from rotelab.run import Run
 
-from .actions import FACT_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS, bindings, help_text
+from .actions import FACT_ACTIONS, PATCHING_ACTIONS, PICKER_ACTIONS, WHERE_ACTIONS, bindings, help_text
 from .data import FactDetail, RunData, Snapshot, find_runs, fmt, store_kinds
-from .views import PatchingPanel
+from .views import HeatmapPanel, causal_trace_panel
 from .widgets import Heatmap, LinePlot, legend
 
 
@@ -163,8 +164,9 @@ class FactPicker(ModalScreen[str | None]):
 
 
 class FactScreen(Screen):
-    """One fact: its prompts per kind, generations and metrics at the selected checkpoint, and
-    object probability per kind across checkpoints."""
+    """One fact: its prompts per kind, generations and metrics at the selected checkpoint, object
+    probability per kind across checkpoints, and its causal trace (layer × traced checkpoint ·
+    kind · position) when the run has one."""
 
     BINDINGS = bindings(FACT_ACTIONS)
 
@@ -181,6 +183,8 @@ class FactScreen(Screen):
         yield Static(f"fact {self.fact_id} — loading…", id="position")
         yield LinePlot(id="fact-curve")
         yield DataTable(id="prompts", zebra_stripes=True, cursor_type="row")
+        yield Heatmap(id="fact-trace", empty_message="no causal trace of this fact (analyses.causal_trace)")
+        yield Static("", id="trace-columns")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -250,14 +254,25 @@ class FactScreen(Screen):
             t.add_row(row["kind"], str(row["template_id"]), row["text"], fmt(d.object_prob[r, gi]), mark(d.mc_correct[r, gi]),
                       mark(d.gen_correct[r, gi]), "—" if gen is None else repr(gen))
         t.border_title = f"prompts of {d.fact_id} at {p.id} (object: {d.object})"
+        trace = causal_trace_panel(snap, d.fact_id)
+        heat = self.query_one("#fact-trace", Heatmap)
+        heat.display = trace is not None  # no room taken where the run has no trace of this fact
+        self.query_one("#trace-columns", Static).display = trace is not None
+        if trace is not None:
+            heat.set_values(trace.values, [str(v) for v in trace.layers], trace.columns)
+            heat.border_title = trace.title
+            self.query_one("#trace-columns", Static).update("trace columns: " + "  ".join(f"{i}={c}" for i, c in enumerate(trace.columns)))
 
 
-class PatchingScreen(Screen):
-    """The patching sweep as layer × checkpoint heatmaps (``t`` cycles the panels)."""
+class HeatmapScreen(Screen):
+    """Layer × column heatmap panels (``t`` cycles them, ``e`` exports the panel's figure): the
+    patching sweep (:class:`PatchingScreen`) or the where-the-fact-lives analyses
+    (:class:`WhereScreen`)."""
 
-    BINDINGS = bindings(PATCHING_ACTIONS)
+    what = "heatmaps"
+    columns_are = "checkpoints"
 
-    def __init__(self, panels: list[PatchingPanel], run: Run | None = None) -> None:
+    def __init__(self, panels: list[HeatmapPanel], run: Run | None = None) -> None:
         super().__init__()
         self.panels = panels
         self.run = run
@@ -279,9 +294,14 @@ class PatchingScreen(Screen):
 
     def paint(self) -> None:
         p = self.panels[self.index]
-        self.query_one("#position", Static).update(f"[b]patching[/] · {p.title} · panel {self.index + 1}/{len(self.panels)} · rows: layers, columns: checkpoints")
-        self.query_one(Heatmap).set_values(p.values, [str(v) for v in p.layers], p.columns)
+        self.query_one("#position", Static).update(
+            f"[b]{self.what}[/] · {p.title} · panel {self.index + 1}/{len(self.panels)} · rows: layers, columns: {self.columns_are}")
+        self.query_one(Heatmap).set_values(p.values, [str(v) for v in p.layers], p.columns, p.mark)
         self.query_one("#columns", Static).update("columns: " + "  ".join(f"{i}={c}" for i, c in enumerate(p.columns)))
+
+    def export_figure(self, keys: dict[str, str], out_dir: Path) -> list[Path]:
+        """The paper figure of the panel with ``keys`` (each subclass names its analysis)."""
+        raise NotImplementedError(f"{type(self).__name__} exports no figure")
 
     def action_export(self) -> None:
         if self.run is not None:
@@ -289,12 +309,10 @@ class PatchingScreen(Screen):
 
     @work(thread=True, exclusive=True, group="export")
     def export_panel(self) -> None:
-        from .export import export_patching
-
         assert self.run is not None
         out_dir = getattr(self.app, "export_dir", None) or (self.run.figures_dir / "tui")
         try:
-            paths = export_patching(self.run, self.panels[self.index].keys, out_dir)
+            paths = self.export_figure(self.panels[self.index].keys, out_dir)
         except Exception as err:  # a figure that fails must not take the browser down
             self.post_message(ExportDone([], f"export failed: {err}"))
             return
@@ -304,6 +322,33 @@ class PatchingScreen(Screen):
     @on(ExportDone)
     def _exported(self, message: ExportDone) -> None:
         notify_export(self, message)
+
+
+class PatchingScreen(HeatmapScreen):
+    """The patching sweep as layer × checkpoint heatmaps."""
+
+    BINDINGS = bindings(PATCHING_ACTIONS)
+    what = "patching"
+
+    def export_figure(self, keys: dict[str, str], out_dir: Path) -> list[Path]:
+        from .export import export_patching
+
+        assert self.run is not None
+        return export_patching(self.run, keys, out_dir)
+
+
+class WhereScreen(HeatmapScreen):
+    """Where the fact lives: logit lens, relation probes and CKA drift as layer × checkpoint
+    heatmaps of one kind, the browser's cursor (layer, checkpoint) marked ``◆``."""
+
+    BINDINGS = bindings(WHERE_ACTIONS)
+    what = "where the fact lives"
+
+    def export_figure(self, keys: dict[str, str], out_dir: Path) -> list[Path]:
+        from .export import export_where
+
+        assert self.run is not None
+        return export_where(self.run, keys, out_dir)
 
 
 class HelpScreen(ModalScreen[None]):

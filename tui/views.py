@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .data import METRICS, SPLITS, Point, Snapshot, fmt, fmt_delta, projection_name
+from .data import METRICS, SPLITS, WHERE_ARRAYS, Point, Snapshot, fmt, fmt_delta, projection_name
 
 ALL = "all"
 """The kind choice that shows every kind with a joint projection."""
@@ -283,20 +283,25 @@ _PANEL_COLUMNS = ("source_kind", "target_kind", "metric", "position")
 
 
 @dataclass
-class PatchingPanel:
-    """One layer × checkpoint heatmap of the ``patching`` table (mean effect over facts)."""
+class HeatmapPanel:
+    """One layer × column heatmap: the ``patching`` table (mean effect over facts, columns
+    checkpoints), a where-the-fact-lives array (columns checkpoints) or one fact's causal trace
+    (columns checkpoint · position)."""
 
     title: str
     keys: dict[str, str]
-    """The panel's source_kind / target_kind / metric / position (those present)."""
+    """What the panel shows, for its export: the patching panel's source_kind / target_kind /
+    metric / position (those present); ``{"array": name, "kind": kind}`` for a where panel."""
     values: np.ndarray
     """float [layer, column]; NaN where the sweep has no result."""
     layers: list[int]
     columns: list[str]
-    """checkpoint (or ``source→target`` pair) per column, in series order of the target."""
+    """checkpoint (or ``source→target`` pair, or ``checkpoint·position``) per column, in series order."""
+    mark: tuple[int, int] | None = None
+    """(row, column) of the browser's cursor (the selected layer and checkpoint), if shown."""
 
 
-def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[PatchingPanel]:
+def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[HeatmapPanel]:
     """Heatmaps from a tidy patching table. Needs a ``layer`` column, an effect column (``effect``
     or ``value``/``delta``/``score``/``recovery``) and checkpoint columns (``source_checkpoint`` +
     ``target_checkpoint``, ``source``+``target`` or ``checkpoint``); one panel per combination of
@@ -322,7 +327,7 @@ def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[Patchi
     d["_ord"] = d[ck_cols[-1]].astype(str).map(lambda c: order.get(c, len(order)))
     panel_cols = [c for c in _PANEL_COLUMNS if c in d.columns]
     groups = d.groupby(panel_cols, dropna=False) if panel_cols else [((), d)]
-    out: list[PatchingPanel] = []
+    out: list[HeatmapPanel] = []
     for key, sub in groups:
         key = key if isinstance(key, tuple) else (key,)
         layers = sorted(int(v) for v in sub["layer"].unique())
@@ -333,5 +338,60 @@ def patching_panels(df: pd.DataFrame | None, points: list[Point]) -> list[Patchi
             vals[layers.index(int(layer)), cols.index(col)] = float(v)
         title = " · ".join(f"{c}={k}" for c, k in zip(panel_cols, key)) or "patching"
         keys = {c: str(k) for c, k in zip(panel_cols, key)}
-        out.append(PatchingPanel(f"{title} ({value})", keys, vals, layers, cols))
+        out.append(HeatmapPanel(f"{title} ({value})", keys, vals, layers, cols))
     return out
+
+
+# ---------------------------------------------------------------------------- where the fact lives
+def where_kind(snap: Snapshot | None, sel: Selection) -> str | None:
+    """The kind the where screen shows: the selected one, else (``all``) the first kind with any
+    where-array; None when no kind has one."""
+    if snap is None:
+        return None
+    if sel.kind in snap.where and snap.where[sel.kind]:
+        return sel.kind
+    return next((k for k in snap.kinds if snap.where.get(k)), None)
+
+
+def where_panels(snap: Snapshot | None, sel: Selection) -> list[HeatmapPanel]:
+    """Layer × checkpoint heatmaps of the :data:`~rotelab.tui.data.WHERE_ARRAYS` of the where
+    kind, the selected series' checkpoints as columns, the cursor (selected layer and checkpoint)
+    marked. Empty list when the run has none."""
+    kind = where_kind(snap, sel)
+    if snap is None or kind is None:
+        return []
+    cols = positions(snap, sel)
+    if not cols or not snap.layers:
+        return []
+    li = min(sel.layer_index, len(snap.layers) - 1)
+    ci = min(sel.ckpt, len(cols) - 1)
+    out = []
+    for name, label in WHERE_ARRAYS.items():
+        if name in snap.where[kind]:
+            vals = snap.where[kind][name][cols].T  # [layer, checkpoint]
+            out.append(HeatmapPanel(f"{label} · kind {kind}", {"array": name, "kind": kind}, vals, list(snap.layers),
+                                    [snap.points[c].id for c in cols], (li, ci)))
+    return out
+
+
+def causal_trace_panel(snap: Snapshot | None, fact_id: str) -> HeatmapPanel | None:
+    """One fact's causal trace: rows layers, columns traced checkpoint · kind · position, the mean
+    restoration effect over the fact's traced items. None when the fact was not traced."""
+    t = snap.causal_trace if snap is not None else None
+    if t is None or t.empty:
+        return None
+    sub = t[t["fact_id"].astype(str) == str(fact_id)]
+    if sub.empty:
+        return None
+    order = {p.id: i for i, p in enumerate(snap.points)}  # type: ignore[union-attr]
+    pos_order = {p: i for i, p in enumerate(("subject_last", "key", "last", "all"))}
+    sub = sub.assign(_col=sub["checkpoint"].astype(str) + "·" + sub["kind"].astype(str) + "·" + sub["position"].astype(str),
+                     _ord=[(order.get(str(c), len(order)), str(k), pos_order.get(str(p), 9))
+                           for c, k, p in zip(sub["checkpoint"], sub["kind"], sub["position"])])
+    cols = [c for c, _ in sorted(dict(zip(sub["_col"], sub["_ord"])).items(), key=lambda x: x[1])]
+    layers = sorted(int(v) for v in sub["layer"].unique())
+    mean = sub.groupby(["layer", "_col"])["effect"].mean()
+    vals = np.full((len(layers), len(cols)), np.nan)
+    for (layer, col), v in mean.items():
+        vals[layers.index(int(layer)), cols.index(col)] = float(v)
+    return HeatmapPanel(f"causal trace of {fact_id}: restoration effect", {"fact_id": str(fact_id)}, vals, layers, cols)

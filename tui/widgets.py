@@ -305,20 +305,24 @@ class Heatmap(LineWidget):
     """Values float [rows, cols] as colored blocks (two characters per cell), NaN as ``╳``,
     with row labels on the left and a color scale."""
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, *, id: str | None = None, empty_message: str = "no patching results in this run") -> None:
         super().__init__(id=id)
         self.values = np.zeros((0, 0))
         self.row_labels: list[str] = []
         self.col_labels: list[str] = []
+        self.mark: tuple[int, int] | None = None
+        self.empty_message = empty_message
         self._styles = [Style(color=c) for c in HEAT]
 
-    def set_values(self, values: np.ndarray, row_labels: list[str], col_labels: list[str]) -> None:
-        self.values, self.row_labels, self.col_labels = values, row_labels, col_labels
+    def set_values(self, values: np.ndarray, row_labels: list[str], col_labels: list[str],
+                   mark: tuple[int, int] | None = None) -> None:
+        """``values`` float [row, col]; ``mark`` (row, col) is drawn as ``◆`` (the cursor)."""
+        self.values, self.row_labels, self.col_labels, self.mark = values, row_labels, col_labels, mark
         self.changed()
 
     def draw(self, width: int, height: int) -> Rows:
         if self.values.size == 0:
-            return _hatch(width, height, "no patching results in this run")
+            return _hatch(width, height, self.empty_message)
         lev, lo, hi = canvas.heatmap_cells(self.values)
         lab_w = max(len(s) for s in self.row_labels) + 1 if self.row_labels else 0
         ncol = max(1, lev.shape[1])
@@ -328,12 +332,16 @@ class Heatmap(LineWidget):
             row: list[Run] = [(self.row_labels[r].rjust(lab_w - 1) + " ", -1)]
             for c in range(lev.shape[1]):
                 lv = int(lev[r, c])
-                row.append(("╳" * cw, -1) if lv < 0 else ("█" * (cw - 1) + " ", lv))
+                if self.mark == (r, c):
+                    row.append(("◆" * (cw - 1) + " ", lv if lv >= 0 else -1))
+                else:
+                    row.append(("╳" * cw, -1) if lv < 0 else ("█" * (cw - 1) + " ", lv))
             rows.append(row)
         rows.append([(" " * lab_w, None), ("".join(f"{c:<{cw}d}" for c in range(lev.shape[1])), -1)])
         scale: list[Run] = [(f"{' ' * lab_w}{lo:.3f} ", -1)]
         scale += [("██", i) for i in range(len(HEAT))]
-        scale.append((f" {hi:.3f}   ╳ = missing · rows: layers (top = last) · columns: see below", -1))
+        marked = " · ◆ = cursor" if self.mark is not None else ""
+        scale.append((f" {hi:.3f}   ╳ = missing{marked} · rows: layers (top = last) · columns: see below", -1))
         rows.append(scale)
         return rows
 
