@@ -527,7 +527,7 @@ def test_metric_table_and_run_statistics(captured_run, monkeypatch):
     assert row["phase"] == "phase1" and row["kind"] == "test"
     assert row["value"] == pytest.approx(vals["p1-e02"][np.isin(split, ["validation", "test"])].mean(), rel=1e-6)  # heldout = validation ∪ test
     for s in ("validation", "test"):
-        row = t[(t["checkpoint"] == "p1-e02") & (t["split"] == s)].iloc[0]
+        row = t[(t["checkpoint"] == "p1-e02") & (t["split"] == s) & (t["metric"] == "object_prob")].iloc[0]
         assert row["value"] == pytest.approx(vals["p1-e02"][split == s].mean(), rel=1e-6)
     # statistics over two "seeds" with the default chance 1 / (distractors + 1)
     tables = iter([t, t.assign(value=t["value"] * 0.5)])
