@@ -1,6 +1,6 @@
 """Browser latency: time from a layer/checkpoint key press to repainted panels.
 
-Store: 25 checkpoints × 31 layers × 5,000 items (kind ``train``: 5 relations × 100 facts × 10
+Store: 25 checkpoints × 31 layers × 5,000 items (kind ``test``: 5 relations × 100 facts × 10
 templates) with ``proj_pca`` [checkpoint, layer, item, 2], ΔCosSim, metrics and the alignment and
 patching tables (no activations: the browser never reads them). The app runs headless
 (``App.run_test``); a press counts as done when the scatter shows the new slab and every panel has
@@ -47,7 +47,7 @@ SPEC = DemoSpec(
     phase2_epochs=4,
     k=20,
     layers=30,
-    kinds=("train",),
+    kinds=("test",),  # 10 templates per relation: 5,000 items (the train kind holds only the P trained ones)
     methods=("pca",),
     joint=False,
     cellwise=False,
@@ -133,7 +133,7 @@ def raw_reads(root: Path, slabs: list[tuple[str, int]]) -> list[float]:
     out = []
     for c, layer in slabs:
         t0 = time.perf_counter()
-        g = Store.open(root / "store.zarr", mode="r").kind("train")
+        g = Store.open(root / "store.zarr", mode="r").kind("test")
         g.read_derived("proj_pca", checkpoints=[c], layers=[layer])
         out.append(time.perf_counter() - t0)
     return out
@@ -144,11 +144,11 @@ def fast_reads(root: Path, slabs: list[tuple[str, int]]) -> list[float]:
 
     data = RunData.open(root)
     data.load()
-    data.projection("train", "proj_pca", slabs[-1][0], slabs[-1][1])  # warm-up
+    data.projection("test", "proj_pca", slabs[-1][0], slabs[-1][1])  # warm-up
     out = []
     for c, layer in slabs:
         t0 = time.perf_counter()
-        data._read_projection("train", "proj_pca", c, layer)
+        data._read_projection("test", "proj_pca", c, layer)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -179,7 +179,7 @@ def main() -> None:
         root = tmp / "bench"
         built = build(root)
     try:
-        g = Store.open(root / "store.zarr", mode="r").kind("train")
+        g = Store.open(root / "store.zarr", mode="r").kind("test")
         print(f"store: {len(g.checkpoints)} checkpoints × {len(g.layers)} layers × {g.n_items} items (built in {built:.1f} s)")
         cold, warm, cpu, visited = asyncio.run(drive(root, args.presses, prefetch=False))
         pre, _, cpu_pre, _ = asyncio.run(drive(root, args.presses, prefetch=True))
