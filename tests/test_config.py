@@ -136,7 +136,7 @@ def test_settings_are_declared_next_to_their_fields() -> None:
     assert NON_RESULT_KEYS == {
         "name", "sweep", "eval.batch_size", "eval.engine", "eval.gpu_memory_utilization", "eval.tensor_parallel_size",
         "eval.prefix_caching", "eval.kinds", "capture.batch_size", "capture.kinds", "capture.layers", "capture.device",
-        "capture.device_map", "analyses.projections", "analyses.patching", "analyses.reference_checkpoint",
+        "capture.device_map", "analyses.projections", "analyses.patching", "analyses.causal_trace", "analyses.reference_checkpoint",
         "analyses.projection_fit_on", "analyses.joint_kinds", "analyses.umap_layers", "train.keep_weights",
         "train.deepspeed",
     }

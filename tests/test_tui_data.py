@@ -88,7 +88,8 @@ def test_view_models_of_the_main_panels(run) -> None:
     for m, name in enumerate(("object_prob", "mc_correct", "gen_correct")):
         vals = g.read_item_array(name)
         for s, split in enumerate(SPLITS):
-            cols = [i for i in range(len(items)) if items["split"][i] == split]
+            members = {"heldout": ("validation", "test", "heldout")}.get(split, (split,))  # heldout = validation ∪ test
+            cols = [i for i in range(len(items)) if items["split"][i] in members]
             now = sum(float(vals[g.checkpoints.index("p1-e02"), i]) for i in cols) / len(cols)
             before = sum(float(vals[g.checkpoints.index("p1-e01"), i]) for i in cols) / len(cols)
             value, delta = row[m * len(SPLITS) + s]
