@@ -159,19 +159,26 @@ def plot_cka(run: Run, array: str = "cka_base", kinds: Sequence[str] | None = No
                           vmax=1.0, out_dir=out_dir, save=save, style=style)
 
 
+def _table_rows(run: Run, table: str, how: str, kinds: Sequence[str] | None, split: str) -> tuple[pd.DataFrame, str]:
+    """The store table ``table``'s rows of ``kinds`` and ``split`` (see :func:`_split_select`); a
+    one-line error saying ``how`` to make it when it is missing or has no such rows."""
+    t = open_store(run, "r").read_table(table)
+    if t is None or t.empty:
+        raise RotelabError(f"{run.store_path}: no {table} table ({how})")
+    if kinds is not None:
+        t = t[t["kind"].isin(kinds)]
+    t, split = _split_select(t, split)
+    if t.empty:
+        raise RotelabError(f"{run.store_path}: no {table} rows for the selected kinds")
+    return t, split
+
+
 def plot_onset_histogram(run: Run, kinds: Sequence[str] | None = None, *, split: str = "heldout", name: str = "onset",
                          out_dir: str | Path | None = None, save: bool = True, style: Mapping[str, Any] | None = None) -> Figure:
     """Generalization onset: per kind (rows) and relation (columns), the number of ``split`` facts
     whose onset (:mod:`rotelab.analyses.onset`) is each checkpoint of the main series, plus
     ``never``."""
-    t = open_store(run, "r").read_table("onset")
-    if t is None or t.empty:
-        raise RotelabError(f"{run.store_path}: no onset table (run `rotelab eval`, then `rotelab analyze`)")
-    if kinds is not None:
-        t = t[t["kind"].isin(kinds)]
-    t, split = _split_select(t, split)
-    if t.empty:
-        raise RotelabError(f"{run.store_path}: no onset rows for the selected kinds")
+    t, split = _table_rows(run, "onset", "run `rotelab eval`, then `rotelab analyze`", kinds, split)
     cps = [e.id for e in run.checkpoints() if e.series == "main"]
     bins = [*cps, "never"]
     t = t.assign(bin=t["onset"].astype(str).replace("", "never"))
@@ -203,14 +210,7 @@ def plot_causal_trace(run: Run, kinds: Sequence[str] | None = None, *, split: st
                       style: Mapping[str, Any] | None = None) -> Figure:
     """Causal tracing (ROME Fig. 1 style): per traced checkpoint (columns) and kind (rows), the mean
     ``value`` (``effect``, or ``restored``) over the ``split`` items as a layer × position heatmap."""
-    t = open_store(run, "r").read_table("causal_trace")
-    if t is None or t.empty:
-        raise RotelabError(f"{run.store_path}: no causal_trace table (enable analyses.causal_trace, then `rotelab analyze`)")
-    if kinds is not None:
-        t = t[t["kind"].isin(kinds)]
-    t, split = _split_select(t, split)
-    if t.empty:
-        raise RotelabError(f"{run.store_path}: no causal_trace rows for the selected kinds")
+    t, split = _table_rows(run, "causal_trace", "enable analyses.causal_trace, then `rotelab analyze`", kinds, split)
     order = {c: i for i, c in enumerate(_order(run))}
     cps = sorted(set(t["checkpoint"]), key=lambda c: order.get(c, len(order)))
     ks = list(dict.fromkeys(t["kind"]))
