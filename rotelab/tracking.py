@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from rotelab.errors import RotelabError
 
 TENSORBOARD_DIR = "tensorboard"
 EVAL_PREFIX = "eval-"
@@ -63,13 +67,40 @@ def write_eval_scalars(run_root: Path, rows: Iterable[tuple[str, str, int, float
     for series, events in by_series.items():
         d = root / f"{EVAL_PREFIX}{series}"
         tmp = root / f".{EVAL_PREFIX}{series}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        w = SummaryWriter(log_dir=str(tmp))
-        for tag, step, value in sorted(events, key=lambda e: (e[1], e[0])):
-            w.add_scalar(tag, value, step)
-        w.close()
+        try:
+            with _writer_thread_errors() as failed:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                w = SummaryWriter(log_dir=str(tmp))
+                for tag, step, value in sorted(events, key=lambda e: (e[1], e[0])):
+                    w.add_scalar(tag, value, step)
+                w.close()
+            if failed:
+                raise failed[0]
+        except OSError as err:  # e.g. a full disk: the old folder stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RotelabError(f"{d}: cannot write TensorBoard events ({err.strerror or err})") from None
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
         written.append(d)
     return written
+
+
+@contextmanager
+def _writer_thread_errors() -> Iterator[list[OSError]]:
+    """Collect the OSErrors that TensorBoard's background writer thread dies of (instead of the
+    traceback ``threading`` prints) while the block runs."""
+    failed: list[OSError] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError):
+            failed.append(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield failed
+    finally:
+        threading.excepthook = previous
