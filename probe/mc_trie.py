@@ -108,14 +108,11 @@ def trie_token_count(requests: Sequence[ScoreRequest]) -> int:
     return sum(len(r.prefix) + len(build_trie(r.continuations).inner) for r in requests)
 
 
-_HEAD_SPLIT_OK: dict[int, bool] = {}
-
-
 def check_head_split(model) -> None:
     """Raise unless ``model``'s logits equal its output embeddings applied to its base model's last
-    hidden state (checked once per model object on a 4-token input, relative tolerance 1e-4)."""
-    key = id(model)
-    if _HEAD_SPLIT_OK.get(key):
+    hidden state (checked once per model object on a 4-token input, relative tolerance 1e-4; the
+    result is kept on the model, so a new model object is checked again)."""
+    if getattr(model, "_rotelab_head_split_ok", False):
         return
     ids = torch.tensor([[1, 2, 3, 4]], device=model.device) % model.config.vocab_size
     with torch.inference_mode():
@@ -127,7 +124,7 @@ def check_head_split(model) -> None:
             f"MC trie scoring: {type(model).__name__}'s logits are not its output embeddings applied to its base model's "
             "hidden states (e.g. logit soft-capping); this model is not supported by the trie scorer"
         )
-    _HEAD_SPLIT_OK[key] = True
+    model._rotelab_head_split_ok = True
 
 
 def _row(req: ScoreRequest, trie: OptionTrie) -> tuple[list[int], list[int], list[list[int]]]:

@@ -102,13 +102,14 @@ def thread_count(
 
 
 #: The thread settings the user started us with (before :func:`apply` writes ``OMP_NUM_THREADS``).
-_USER_ENV = {k: v for k, v in os.environ.items() if k in ("ROTELAB_THREADS", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+_USER_ENV = {k: v for k, v in os.environ.items() if k in ("ROTELAB_THREADS", "OMP_NUM_THREADS")}
 
 
 def apply(procs: int = 1) -> ThreadChoice:
     """Decide with :func:`thread_count` (on the settings the process started with, so a second call
     with more ``procs`` re-decides) and make it so for this process and its children."""
-    choice = thread_count(procs, env={**_USER_ENV, **({"LOCAL_WORLD_SIZE": os.environ["LOCAL_WORLD_SIZE"]} if "LOCAL_WORLD_SIZE" in os.environ else {})})
+    launcher = {k: v for k, v in os.environ.items() if k == "LOCAL_WORLD_SIZE"}
+    choice = thread_count(procs, env={**_USER_ENV, **launcher})
     os.environ["OMP_NUM_THREADS"] = str(choice.threads)
     os.environ.setdefault("MKL_NUM_THREADS", str(choice.threads))
     if "torch" in sys.modules:

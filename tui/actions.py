@@ -65,16 +65,17 @@ FACT_ACTIONS: tuple[Action, ...] = (
     Action("left,h", "checkpoint(-1)", "◀ ckpt", "Previous checkpoint", "Step the timeline back", True),
     Action("right,l", "checkpoint(1)", "ckpt ▶", "Next checkpoint", "Step the timeline forward", True),
 )
-PATCHING_ACTIONS: tuple[Action, ...] = (
-    Action("escape,backspace", "app.pop_screen", "back", "Back", "Return to the main screen", True),
-    Action("t", "panel", "next panel", "Next panel", "Cycle the heatmap panels", True),
-    Action("e", "export", "export", "Export panel", "Write the panel as a paper figure", True),
-)
-WHERE_ACTIONS: tuple[Action, ...] = (
-    Action("escape,backspace", "app.pop_screen", "back", "Back", "Return to the main screen", True),
-    Action("t", "panel", "next panel", "Next panel", "Cycle the heatmap panels", True),
-    Action("e", "export", "export", "Export panel", "Write the panel's analysis as a paper figure (all kinds)", True),
-)
+def _heatmap_actions(export_help: str) -> tuple[Action, ...]:
+    """The keys of a heatmap screen (:class:`rotelab.tui.screens.HeatmapScreen`)."""
+    return (
+        Action("escape,backspace", "app.pop_screen", "back", "Back", "Return to the main screen", True),
+        Action("t", "panel", "next panel", "Next panel", "Cycle the heatmap panels", True),
+        Action("e", "export", "export", "Export panel", export_help, True),
+    )
+
+
+PATCHING_ACTIONS = _heatmap_actions("Write the panel as a paper figure")
+WHERE_ACTIONS = _heatmap_actions("Write the panel's analysis as a paper figure (all kinds)")
 PICKER_ACTIONS: tuple[Action, ...] = (
     Action("enter", "open", "open run", "Open run", "Browse the selected run", True),
     Action("r", "rescan", "rescan", "Rescan", "Re-read the folder of runs", True),
