@@ -111,6 +111,8 @@ class MainScreen(Screen):
     def load_snapshot(self, notify: bool = False) -> None:
         before = dict(self.snap.slabs_committed) if self.snap else {}
         snap = self.data.load()
+        if snap.layers:  # the curves of every layer, here rather than on the first key press
+            snap.alignment_curves(snap.layers[0])
         if get_current_worker().is_cancelled:
             return
         self.post_message(self.SnapshotLoaded(snap, before if notify else None))
