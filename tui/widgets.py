@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Self
 
 import numpy as np
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -135,7 +136,9 @@ class LineWidget(Widget):
                 combined[c] = base + st if st is not None else base
             return combined[c]
 
-        self._strips = [Strip([Segment(t, style(c)) for t, c in row]).adjust_cell_length(w, base) for row in self._rows]
+        # a row's cell length from its text in one call (Strip would measure each segment)
+        self._strips = [Strip([Segment(t, style(c)) for t, c in row], cell_len("".join(t for t, _ in row))).adjust_cell_length(w, base)
+                        for row in self._rows]
         self._blank = Strip.blank(w, base)
         self.painted_version = self.version
 
