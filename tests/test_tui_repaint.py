@@ -71,7 +71,12 @@ def cut(lines: list[str], region) -> list[str]:
 
 
 @pytest.mark.anyio
-async def test_every_step_paints_the_new_slab_and_its_delta_cossim(demo_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline_read", [MainScreen.INLINE_READ, -1.0], ids=["reads-inline", "reads-in-worker"])
+async def test_every_step_paints_the_new_slab_and_its_delta_cossim(demo_dir: Path, tmp_path: Path, inline_read: float,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a slab reaches the panels: read on the UI thread (fast reads) and in a worker
+    (after a slow read; -1 s: always)."""
+    monkeypatch.setattr(MainScreen, "INLINE_READ", inline_read)
     store = Store.open(demo_dir / "store.zarr", mode="r").kind("key")
     app = RotelabApp(demo_dir, export_dir=tmp_path)
     async with app.run_test(size=SIZE) as pilot:
