@@ -70,7 +70,8 @@ class BrailleCanvas:
     def rows(self) -> Rows:
         """Per row the runs of equal color: braille characters, a space for an empty cell; the
         color of an empty cell (or a dot drawn with a negative color) is ``None``. Vectorized: the
-        only Python loop is over the runs (a 5,000-point scatter: ~10× faster than per cell)."""
+        only Python loop is over the runs, not the cells (the benchmark's 5,000-point scatter
+        with its drawing: 1.35 → 0.85 ms)."""
         codes = np.where(self.bits > 0, 0x2800 + self.bits.astype(np.uint32), 0x20).astype("<u4")
         chars = codes.tobytes().decode("utf-32-le")
         keys = np.where(self.color < 0, -1, self.color)
