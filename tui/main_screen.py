@@ -1,12 +1,13 @@
 """The main screen: timeline and layer selector, the projection of the selected slab, curves and
 the accuracy table. The selection is one reactive value (:class:`~rotelab.tui.views.Selection`);
-each panel paints itself from the view model :mod:`rotelab.tui.views` computes for it. Slab reads
-and snapshot loads run in thread workers that post their results as messages; results for an
-outdated selection are dropped."""
+each panel paints itself from the view model :mod:`rotelab.tui.views` computes for it. Snapshot
+loads, and slab reads once one was slow (:attr:`MainScreen.INLINE_READ`), run in thread workers
+that post their results as messages; results for an outdated selection are dropped."""
 
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class MainScreen(Screen):
     PREFETCH = False
     """Read the neighbouring slabs in the background after each step. Off by default: a slab read
     costs ~1 ms against ~25 ms of painting (bench_tui.py), so it only pays on slow file systems."""
+    INLINE_READ = 0.005
+    """Seconds: while slab reads take at most this long, the slab is read on the UI thread (no
+    worker thread to wake, no second message: ~10 ms less per press on a loaded machine,
+    bench_tui.py); after a slower read, reads go to a worker again until one is fast. Not with
+    :attr:`PREFETCH` (its worker holds the reader while it reads)."""
 
     BINDINGS = bindings(MAIN_ACTIONS)
 
@@ -89,6 +95,8 @@ class MainScreen(Screen):
         self._request = 0
         self._scatter_spans: list[tuple[str, int, int]] = []  # (kind, first row, rows) per kind drawn
         self._panels_pending: int | None = None
+        self._last_read_s = float("inf")
+        """Seconds the last slab read took (inf: none yet, so the first one goes to a worker)."""
         self.last_export: list[Path] = []
         """Files of the last export (PNG, PDF, SVG, CSV)."""
 
@@ -111,6 +119,8 @@ class MainScreen(Screen):
     def load_snapshot(self, notify: bool = False) -> None:
         before = dict(self.snap.slabs_committed) if self.snap else {}
         snap = self.data.load()
+        if snap.layers:  # the curves of every layer, here rather than on the first key press
+            snap.alignment_curves(snap.layers[0])
         if get_current_worker().is_cancelled:
             return
         self.post_message(self.SnapshotLoaded(snap, before if notify else None))
@@ -182,8 +192,9 @@ class MainScreen(Screen):
 
     # ---------------------------------------------------------------- painting
     def update_view(self) -> None:
-        """Repaint for the current selection. The slab is read in a worker; the other panels are
-        painted together with it (one frame), or after ``PANEL_WAIT`` s if the read is slow."""
+        """Repaint for the current selection. The slab is read right here while reads are fast
+        (:attr:`INLINE_READ`), else in a worker; the other panels are painted together with it
+        (one frame), or after ``PANEL_WAIT`` s if the worker's read is slow."""
         snap = self.snap
         if snap is None:
             return
@@ -193,8 +204,13 @@ class MainScreen(Screen):
             self._paint_panels()
             self.query_one(ScatterPanel).show_empty(snap.message or "nothing captured yet")
             return
-        if all(self.data.cached(k, req.name, req.checkpoint, req.layer) for k in req.kinds):
-            self._apply_slabs(self._request, req, [self.data.projection(k, req.name, req.checkpoint, req.layer) for k in req.kinds])
+        cached = all(self.data.cached(k, req.name, req.checkpoint, req.layer) for k in req.kinds)
+        if cached or (self._last_read_s <= self.INLINE_READ and not self.PREFETCH):
+            t = time.perf_counter()
+            parts = [self.data.projection(k, req.name, req.checkpoint, req.layer) for k in req.kinds]
+            if not cached:
+                self._last_read_s = time.perf_counter() - t
+            self._apply_slabs(self._request, req, parts)
         else:
             self._panels_pending = self._request
             self.load_slabs(self._request, req)
@@ -219,10 +235,12 @@ class MainScreen(Screen):
     def load_slabs(self, request: int, req: SlabRequest) -> None:
         worker = get_current_worker()
         parts = []
+        t = time.perf_counter()
         for k in req.kinds:
             if worker.is_cancelled:
                 return
             parts.append(self.data.projection(k, req.name, req.checkpoint, req.layer))
+        self._last_read_s = time.perf_counter() - t
         if not worker.is_cancelled:
             self.post_message(self.SlabsLoaded(request, req, parts))
 

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 
 from .data import METRICS, SPLITS
 from .views import AccuracyView, CurvesView, CurveView, ScatterView, accuracy_cell
-from .widgets import LinePlot, ScatterPlot, legend
+from .widgets import BorderTitles, LinePlot, ScatterPlot, legend
 
 
 def set_text(widget: Static, text: str) -> None:
@@ -31,7 +31,7 @@ class PositionBar(Static):
         set_text(self, text)
 
 
-class ScatterPanel(Vertical):
+class ScatterPanel(BorderTitles, Vertical):
     """The projection of the selected slab(s) with its legend; titles say what is shown."""
 
     def compose(self) -> ComposeResult:
@@ -43,8 +43,7 @@ class ScatterPanel(Vertical):
 
     def show(self, view: ScatterView, color_by: str) -> None:
         self.query_one(ScatterPlot).set_data(view.xy, view.colors, view.message, view_key=view.view_key)
-        self.border_title = view.title
-        self.border_subtitle = view.subtitle
+        self.set_titles(view.title, view.subtitle)
         set_text(self.query_one("#legend", Static), legend(view.legend) + f"   [dim](colored by {color_by})[/]")
 
     def show_empty(self, message: str) -> None:
@@ -53,10 +52,7 @@ class ScatterPanel(Vertical):
 
 def _show_curve(plot: LinePlot, view: CurveView) -> None:
     plot.set_series(view.series, view.colors, marker=view.marker, boundaries=view.boundaries, empty_message=view.empty_message)
-    if view.title is not None:
-        plot.border_title = view.title
-    if view.subtitle is not None:
-        plot.border_subtitle = view.subtitle
+    plot.set_titles(view.title, view.subtitle)
 
 
 class CurvesPanel(Vertical):

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Self
 
 import numpy as np
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
+from textual.geometry import Region, Size
 from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
@@ -33,6 +36,44 @@ def palette_styles(colors: Sequence[str] = PALETTE) -> list[Style]:
     return [Style(color=c) for c in colors]
 
 
+class BorderTitles:
+    """Mixin for a bordered widget whose titles change more often than its content (the scatter's
+    box: a new slab changes its title, the plot inside repaints itself): :meth:`set_titles`
+    repaints only the two border lines, not every line of the box. Textual's ``border_title``
+    setter refreshes the whole widget, so that refresh is held back while the titles are set."""
+
+    _titles: tuple[str | None, str | None] | None = None
+    _border_only = False
+
+    def set_titles(self, title: str | None, subtitle: str | None) -> None:
+        """Set the border title and subtitle (markup); None leaves that one as it is."""
+        assert isinstance(self, Widget)
+        old_title, old_sub = self._titles or (None, None)
+        new = (old_title if title is None else title, old_sub if subtitle is None else subtitle)
+        if new == self._titles:
+            return
+        self._titles = new
+        self._border_only = True
+        try:
+            if new[0] is not None:
+                self.border_title = new[0]
+            if new[1] is not None:
+                self.border_subtitle = new[1]
+        finally:
+            self._border_only = False
+        w, h = self.outer_size
+        if not (w and h):  # not laid out yet: the first layout paints everything
+            self.refresh()
+            return
+        top, left = self.styles.gutter.top, self.styles.gutter.left  # regions are content-relative
+        self.refresh(Region(-left, -top, w, 1), Region(-left, h - 1 - top, w, 1))
+
+    def refresh(self, *regions: Region, repaint: bool = True, layout: bool = False, recompose: bool = False) -> Self:
+        if self._border_only:
+            return self
+        return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)  # type: ignore[misc]
+
+
 class LineWidget(Widget):
     """A widget drawn from :data:`Rows` recomputed when its size or data changes."""
 
@@ -41,7 +82,9 @@ class LineWidget(Widget):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._rows: Rows = []
-        self._rows_key: tuple | None = None
+        self._rows_key: tuple[int, int, int] | None = None
+        self._strips: list[Strip] = []
+        self._blank = Strip.blank(0)
         self._styles: list[Style] = palette_styles()
         self.version = 0
         """Bumped on every data change; :attr:`painted_version` follows once drawn."""
@@ -65,25 +108,39 @@ class LineWidget(Widget):
             return DIM
         return self._styles[color % len(self._styles)]
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        """Textual's entry point for a repaint: look the size up once (it walks the DOM), draw
+        if the data or the size changed, then let Textual compose the lines."""
+        self._prepare(self.size)
+        return super().render_lines(crop)
+
     def render_line(self, y: int) -> Strip:
-        w, h = self.size.width, self.size.height
-        key = (w, h, self.version)
-        if key != self._rows_key:  # draw once per data/size change, then serve cached strips
-            self._rows = self.draw(w, h)
-            self._rows_key = key
-            base = self.rich_style
-            combined: dict[int | None, Style] = {}
-
-            def style(c: int | None) -> Style:
-                if c not in combined:
-                    st = self.style_of(c)
-                    combined[c] = base + st if st is not None else base
-                return combined[c]
-
-            self._strips = [Strip([Segment(t, style(c)) for t, c in row]).adjust_cell_length(w, base) for row in self._rows]
-            self._blank = Strip.blank(w, base)
-            self.painted_version = self.version
+        if self._rows_key is None or self._rows_key[2] != self.version:
+            self._prepare(self.size)
         return self._strips[y] if y < len(self._strips) else self._blank
+
+    def _prepare(self, size: Size) -> None:
+        """Draw once per data/size change and keep the strips (one per row)."""
+        w, h = size.width, size.height
+        key = (w, h, self.version)
+        if key == self._rows_key:
+            return
+        self._rows = self.draw(w, h)
+        self._rows_key = key
+        base = self.rich_style
+        combined: dict[int | None, Style] = {}
+
+        def style(c: int | None) -> Style:
+            if c not in combined:
+                st = self.style_of(c)
+                combined[c] = base + st if st is not None else base
+            return combined[c]
+
+        # a row's cell length from its text in one call (Strip would measure each segment)
+        self._strips = [Strip([Segment(t, style(c)) for t, c in row], cell_len("".join(t for t, _ in row))).adjust_cell_length(w, base)
+                        for row in self._rows]
+        self._blank = Strip.blank(w, base)
+        self.painted_version = self.version
 
 
 def _hatch(width: int, height: int, message: str) -> Rows:
@@ -264,7 +321,7 @@ class ScatterPlot(LineWidget):
             self.post_message(self.PointClicked(i))
 
 
-class LinePlot(LineWidget):
+class LinePlot(BorderTitles, LineWidget):
     """Curves over an index axis with a y-axis label column, NaN gaps, a marker and boundaries."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
