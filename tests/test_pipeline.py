@@ -171,7 +171,7 @@ def test_keep_weights_drops_only_after_eval_capture_and_analyze(tmp_path: Path, 
             seen.append((name, sum(1 for e in r.checkpoints() if e.path is not None and (r.root / e.path / "model.safetensors").is_file())))
         return f
 
-    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress: {s: fake(s) for s in pipeline.STAGES})
+    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress, fuse=False: {s: fake(s) for s in pipeline.STAGES})
     pipeline.run_pipeline(run, stages=("train", "eval", "capture"), echo=lambda m: None)
     assert all(e.path is not None for e in run.checkpoints())
     pipeline.run_pipeline(run, echo=lambda m: None)
