@@ -39,7 +39,7 @@ class HFEngine:
 
     name = "hf"
     prefix_caching = True  # the prompt and shared option prefixes are run once (explicit, not vLLM's automatic cache)
-    scoring = "trie from the prompt cache"  # MC scoring scheme, recorded in the provenance
+    scoring = "trie"  # MC scoring scheme, recorded in the provenance (the pass: provenance "probe_pass")
 
     def __init__(
         self, *, dtype: str = "float32", batch_size: int = 32, prompt_batch_size: int = 32, device: str | None = None
