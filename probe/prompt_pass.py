@@ -30,8 +30,10 @@ earlier generated tokens, and itself; the padding slots ``len_b..L−1`` get ``f
 whose softmax weight is exactly 0. So each continuation attends to exactly the keys of its
 unpadded sequence; differences to a plain per-option forward are float rounding (tests: ≤ 1e-5
 against a plain forward and against :func:`rotelab.probe.mc_trie.score_trie` on tied and untied
-tiny models, 1e-4 on SmolLM2; greedy tokens equal to ``model.generate``'s). After the trie forward
-the cache is cropped back to ``L``.
+tiny models, 1e-4 on SmolLM2; greedy tokens equal to ``model.generate``'s). The trie forward
+leaves the prompt cache as it is: the rows of a batch are regrouped by their inner-node count
+(:func:`inner_groups`, padding within :data:`INNER_PAD_SLACK`) and each group continues on a copy
+of its rows of the cache; generation then continues on the cache itself.
 
 Assumes ``logits = output_embeddings(base_model(...).last_hidden_state)``
 (:func:`rotelab.probe.mc_trie.check_head_split`, checked once per model when logits are needed).
@@ -244,52 +246,86 @@ def prompt_pass(
     return out
 
 
+#: A trie forward's padded positions may exceed its real inner nodes by this factor: rows of a
+#: prompt batch are regrouped by their inner-node count (each group on its rows of the cache).
+INNER_PAD_SLACK = 1.25
+
+
+def inner_groups(counts: Sequence[int], slack: float = INNER_PAD_SLACK) -> list[list[int]]:
+    """Rows (indices into ``counts``, those with a count > 0) grouped for the trie forward: sorted
+    by count, largest first (ties by index), each group grown while ``len × its largest count ≤
+    slack × Σ its counts``."""
+    order = sorted((b for b, c in enumerate(counts) if c > 0), key=lambda b: (-counts[b], b))
+    groups: list[list[int]] = []
+    for b in order:
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * counts[g[0]] <= slack * (sum(counts[x] for x in g) + counts[b]):
+            g.append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _rows_cache(cache, rows: Sequence[int]):
+    """A new cache holding rows ``rows`` of ``cache`` (the prompt cache stays as it is)."""
+    from transformers import DynamicCache
+
+    sub = DynamicCache()
+    for li, layer in enumerate(cache.layers):
+        idx = torch.tensor(list(rows), device=layer.keys.device)
+        sub.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), li)
+    return sub
+
+
 def _score_batch(sites: ModelSites, head, cache, first: torch.Tensor, lengths: list[int], L: int,
                  tries: list[OptionTrie | None], rows: list[int], out: PassOutput, mask_dtype) -> None:
-    """Option log-probabilities of one batch: first tokens from ``first`` [B, vocab], inner trie
-    nodes in one forward continuing from ``cache`` (then cropped back to ``L``)."""
+    """Option log-probabilities of one batch: first tokens from ``first`` [B, vocab], the inner
+    trie nodes of each group of rows (:func:`inner_groups`) in one forward continuing from those
+    rows of the prompt ``cache`` (left unchanged)."""
     device = first.device
-    q = max((len(t.inner) for t in tries if t is not None), default=0)
-    node_lp: torch.Tensor | None = None
-    if q:
-        B = len(rows)
-        ids = torch.zeros((B, q), dtype=torch.long)
-        pos = torch.zeros((B, q), dtype=torch.long)
+    dev = sites.device
+    node_lp: dict[int, np.ndarray] = {}  # row -> log-prob of each non-root node's token, by node
+    counts = [len(t.inner) if t is not None else 0 for t in tries]
+    for group in inner_groups(counts):
+        q = counts[group[0]]
+        ids = torch.zeros((len(group), q), dtype=torch.long)
+        pos = torch.zeros((len(group), q), dtype=torch.long)
         sees: list[list[list[int]]] = []
-        for b, t in enumerate(tries):
-            if t is None or not t.inner:
-                sees.append([])
-                pos[b] = lengths[b]
-                continue
-            ids[b, : len(t.inner)] = torch.tensor([t.token[nd] for nd in t.inner])
-            pos[b, : len(t.inner)] = torch.tensor([lengths[b] + t.depth[nd] - 1 for nd in t.inner])
-            pos[b, len(t.inner):] = lengths[b]
+        for g, b in enumerate(group):
+            t = tries[b]
+            assert t is not None
+            ids[g, : len(t.inner)] = torch.tensor([t.token[nd] for nd in t.inner])
+            pos[g] = lengths[b]
+            pos[g, : len(t.inner)] = torch.tensor([lengths[b] + t.depth[nd] - 1 for nd in t.inner])
             sees.append(_ancestors(t))
-        mask = _continuation_mask(lengths, L, sees, q, mask_dtype)
-        dev = sites.device
+        mask = _continuation_mask([lengths[b] for b in group], L, sees, q, mask_dtype)
         hid = sites.decoder(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True
-        ).last_hidden_state  # [B, q, hidden]
-        out.forward_tokens += sum(len(t.inner) for t in tries if t is not None)
-        read_b = [b for b, t in enumerate(tries) if t is not None for _ in t.inner]
-        read_j = [j for t in tries if t is not None for j in range(len(t.inner))]
-        node_lp = _log_softmax_rows(head, hid[torch.tensor(read_b, device=hid.device), torch.tensor(read_j, device=hid.device)].to(device))
-        cache.crop(-q)  # back to the prompt cache (length L)
-    r0 = 0
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+            past_key_values=_rows_cache(cache, group), use_cache=True,
+        ).last_hidden_state  # [len(group), q, hidden]
+        out.forward_tokens += sum(counts[b] for b in group)
+        read_g = [g for g, b in enumerate(group) for _ in range(counts[b])]
+        read_j = [j for b in group for j in range(counts[b])]
+        lps = _log_softmax_rows(head, hid[torch.tensor(read_g, device=hid.device), torch.tensor(read_j, device=hid.device)].to(device))
+        r0 = 0
+        for b in group:
+            t = tries[b]
+            assert t is not None
+            slot = {nd: r0 + j for j, nd in enumerate(t.inner)}
+            r0 += counts[b]
+            rest = [nd for nd in range(len(t.token)) if t.parent[nd] >= 0]
+            vals = np.full(len(t.token), np.nan)
+            vals[rest] = lps[
+                torch.tensor([slot[t.parent[nd]] for nd in rest], device=device), torch.tensor([t.token[nd] for nd in rest], device=device)
+            ].cpu().numpy()
+            node_lp[b] = vals
+        del lps, hid
     for b, t in enumerate(tries):
         if t is None:
             continue
-        slot = {nd: r0 + j for j, nd in enumerate(t.inner)}
-        r0 += len(t.inner)
-        lp = np.empty(len(t.token), np.float64)
+        lp = node_lp.get(b, np.full(len(t.token), np.nan))
         roots = [nd for nd in range(len(t.token)) if t.parent[nd] < 0]
         lp[roots] = first[b, torch.tensor([t.token[nd] for nd in roots], device=device)].cpu().numpy()
-        rest = [nd for nd in range(len(t.token)) if t.parent[nd] >= 0]
-        if rest:
-            assert node_lp is not None
-            lp[rest] = node_lp[
-                torch.tensor([slot[t.parent[nd]] for nd in rest], device=device), torch.tensor([t.token[nd] for nd in rest], device=device)
-            ].cpu().numpy()
         out.logprobs[rows[b]] = [lp[list(path)].astype(np.float32) for path in t.paths]
 
 
