@@ -22,6 +22,13 @@ Before anything is loaded or written, the whole request is validated: checkpoint
 folders, the tokenizer's key tokens, and the tokenization of every answer and option (all kinds are
 tokenized up front; the plans are reused for every checkpoint).
 
+**Fused probe pass** (``capture=True``, what ``rotelab run`` does when it also captures): with HF
+scoring, each unit's prompt pass (:mod:`rotelab.probe.prompt_pass`) also yields the capture states
+capture still needs for that (checkpoint, kind); they are written first (slabs, final norm, attrs
+``probe_pass/<checkpoint>``), then the unit's arrays (``provenance/<checkpoint>`` has
+``probe_pass: fused``; ``separate`` otherwise). A kill between the two leaves the capture
+committed and the unit to recompute.
+
 See :mod:`rotelab.probe.accuracy_metrics` for the metric definitions and the tokenization rule.
 """
 

@@ -3,11 +3,15 @@ of a run and every prompt kind, into the run's zarr store.
 
 * :func:`capture_hidden` — one loaded model, a list of prompts → ``hidden [layer, item, hidden]`` and
   ``final_norm [item, hidden]`` (float32 numpy). Prompts are tokenized exactly as evaluation scores
-  them (:func:`rotelab.tokenization.encode_prompt`), batched by length and padded on the *right*
-  with position ids ``0..len-1``: a causal model's real tokens never see the padding, so a batch
-  equals one prompt at a time for rotary (Llama) and absolute-position (GPT-2) models alike.
-* :func:`capture_run` — the stage: loads each checkpoint once, captures every requested kind, writes
-  one ``(checkpoint, layer)`` slab at a time (chunk, then commit marker) and the final-norm entry.
+  them (:func:`rotelab.tokenization.encode_prompt`) and run by the prompt pass
+  (:mod:`rotelab.probe.prompt_pass`): batched by length and padded on the *right* with position
+  ids ``0..len-1`` (a causal model's real tokens never see the padding, so a batch equals one
+  prompt at a time for rotary (Llama) and absolute-position (GPT-2) models alike), states read by
+  forward hooks on the decoder's blocks.
+* :func:`capture_run` — the stage (:func:`plan_capture` finds what is missing, :class:`CapturePlan`
+  writes it): loads each checkpoint once, captures every requested kind, writes one ``(checkpoint,
+  layer)`` slab at a time (chunk, then commit marker) and the final-norm entry. The fused probe
+  pass (:func:`rotelab.probe.evaluate_run` ``capture=True``) writes through the same plan.
   It does only what is not committed yet, so a killed capture resumes where it stopped; several
   processes may capture disjoint checkpoints at once (``shard``).
 

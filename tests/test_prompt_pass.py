@@ -252,3 +252,15 @@ def test_killed_fused_pass_resumes(tmp_path, after):
     _assert_identical(sep, fused)
     ev, _, act = _passes(fused, KINDS[0], "base")
     assert ev == "fused" and set(act.values()) == {"fused"}  # the rerun's unit rewrote the rest in a fused pass
+
+
+def test_inner_groups_bound_the_padding():
+    from rotelab.probe.prompt_pass import INNER_PAD_SLACK, inner_groups
+
+    counts = [40, 0, 6, 7, 39, 20, 6, 21, 0, 6]
+    groups = inner_groups(counts)
+    assert sorted(b for g in groups for b in g) == [b for b, c in enumerate(counts) if c > 0]  # each row once, empties out
+    for g in groups:
+        assert counts[g[0]] == max(counts[b] for b in g)
+        assert len(g) * counts[g[0]] <= INNER_PAD_SLACK * sum(counts[b] for b in g)
+    assert groups[0] == [0, 4, 7]  # 3 × 40 = 120 ≤ 1.25 × 100; adding the 20 would pad to 160 > 1.25 × 120
