@@ -148,7 +148,7 @@ def _passes(run: Run, kind: str, ckpt: str) -> tuple[str, str, dict]:
     )
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_fused_store_identical_to_separate(tmp_path, name, monkeypatch):
     sep = make_tiny_run(tmp_path / "sep", n_checkpoints=2, model=name, config={"capture": {"kinds": KINDS}})
     shutil.copytree(sep.root, tmp_path / "fused")
