@@ -57,7 +57,7 @@ from rotelab.tokenization import encode_prompt
 
 from rotelab.batching import pad_id
 
-from .accuracy import Shard
+from .shard import Shard
 from .prompt_pass import prompt_pass
 from .sites import ModelSites, check_layers
 
