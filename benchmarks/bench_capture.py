@@ -1,6 +1,6 @@
 """Capture throughput and store size (issue 5).
 
-1. Throughput on SmolLM2-135M (CPU, float32): ``capture_run`` (checkpoint load, nnsight trace, float16
+1. Throughput on SmolLM2-135M (CPU, float32): ``capture_run`` (checkpoint load, prompt pass, float16
    zarr slabs + commit markers) versus a bare HF forward with ``output_hidden_states=True`` (also
    loading the checkpoint) over the same batches, in the same invocation. Target ≥ 0.8×.
 2. Store size on disk per checkpoint for ``configs/smollm2-demo.yaml``: computed from its item
@@ -49,17 +49,20 @@ def _make_run(tmp: Path, kinds: list[str]):
 def _baseline(run, kind: str, batch_size: int) -> float:
     """Seconds for: load the checkpoint, HF forward with output_hidden_states on the same batches,
     and take the last token of every layer to the CPU (what capture keeps)."""
-    from rotelab.probe.capture import load_checkpoint, prompt_batches
+    from rotelab.batching import pad, pad_id
+    from rotelab.probe.capture import load_checkpoint
+    from rotelab.probe.prompt_pass import pass_batches
+    from rotelab.tokenization import encode_prompt
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(run.checkpoint_dir("base"), "float32", "cpu")
-    texts = list(run.items(kind)["text"])
+    ids = [encode_prompt(tok, t) for t in run.items(kind)["text"]]
     keep = []
     with torch.no_grad():
-        for b in prompt_batches(tok, texts, batch_size):
-            p = b.padded
+        for rows_ in pass_batches(ids, batch_size).batches():  # the prompt pass's batches
+            p = pad([ids[i] for i in rows_], pad_id(tok), "right")
             out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, output_hidden_states=True)
-            rows = torch.arange(len(b.rows))
+            rows = torch.arange(len(rows_))
             keep.append(torch.stack([h[rows, p.last] for h in out.hidden_states]).numpy())
     return time.perf_counter() - t0
 
@@ -92,7 +95,7 @@ def main() -> None:
             cap_t.append(_capture(run, args.kind))
         b, c = min(base_t), min(cap_t)
         print(f"bare HF forward (output_hidden_states=True): {n / b:7.1f} items/s  ({b:.2f} s incl. load)")
-        print(f"capture_run (nnsight + zarr writes):          {n / c:7.1f} items/s  ({c:.2f} s incl. load)")
+        print(f"capture_run (prompt pass + zarr writes):     {n / c:7.1f} items/s  ({c:.2f} s incl. load)")
         print(f"ratio capture / bare forward: {b / c:.2f}x   (target >= 0.8x)")
 
         # store size

@@ -22,6 +22,13 @@ Before anything is loaded or written, the whole request is validated: checkpoint
 folders, the tokenizer's key tokens, and the tokenization of every answer and option (all kinds are
 tokenized up front; the plans are reused for every checkpoint).
 
+**Fused probe pass** (``capture=True``, what ``rotelab run`` does when it also captures): with HF
+scoring, each unit's prompt pass (:mod:`rotelab.probe.prompt_pass`) also yields the capture states
+capture still needs for that (checkpoint, kind); they are written first (slabs, final norm, attrs
+``probe_pass/<checkpoint>``), then the unit's arrays (``provenance/<checkpoint>`` has
+``probe_pass: fused``; ``separate`` otherwise). A kill between the two leaves the capture
+committed and the unit to recompute.
+
 See :mod:`rotelab.probe.accuracy_metrics` for the metric definitions and the tokenization rule.
 """
 
@@ -29,7 +36,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,53 +57,14 @@ from .accuracy_metrics import (
     stop_token_ids,
 )
 from .engines import resolve_engines
+from .prompt_pass import Generation, PassOutput
+from .shard import Shard
 
 #: Version of the evaluation code, recorded in every result's provenance (``eval_code_version``).
 #: 1 = no version recorded (vLLM swap defect on tied models); 2 = verified vLLM swap (2026-12-01).
 EVAL_CODE_VERSION = 2
 #: vLLM results written by an eval code version below this are stale (see the module docstring).
 VERIFIED_SWAP_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Process ``index`` of ``count`` evaluates the checkpoints whose series position % count == index."""
-
-    index: int = 0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise RotelabError(f"shard {self.index}/{self.count}: need 0 ≤ i < n")
-
-    @classmethod
-    def of(cls, shard: "Shard | tuple[int, int]") -> "Shard":
-        """A :class:`Shard` from a shard or an ``(index, count)`` pair."""
-        return shard if isinstance(shard, Shard) else cls(int(shard[0]), int(shard[1]))
-
-    @classmethod
-    def from_env(cls) -> "Shard | None":
-        """``RANK``/``WORLD_SIZE`` when a launcher (torchrun, deepspeed) set them for several processes."""
-        import os
-
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", "0"))
-        except ValueError:
-            return None
-        return cls(rank, world) if world > 1 else None
-
-    @classmethod
-    def parse(cls, text: str | None) -> "Shard":
-        if not text:
-            return cls()
-        try:
-            i, n = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise RotelabError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-        if n < 1 or not 0 <= i < n:
-            raise RotelabError(f"--shard {text!r}: need 0 <= i < n")
-        return cls(i, n)
 
 
 def _check_checkpoint_dir(run: Run, e: CheckpointEntry) -> Path:
@@ -232,7 +199,7 @@ class _Engines:
         if name == "hf":
             from .engines.hf import HFEngine
 
-            return HFEngine(dtype=dtype, batch_size=ev.batch_size)
+            return HFEngine(dtype=dtype, batch_size=ev.batch_size, prompt_batch_size=self.run.config.capture.batch_size)
         from .engines.vllm_engine import VllmEngine
 
         return VllmEngine(
@@ -258,8 +225,9 @@ class _Engines:
         self._engines.clear()
 
 
-def _provenance(score_eng, gen_eng) -> dict[str, object]:
+def _provenance(score_eng, gen_eng, probe_pass: str = "separate") -> dict[str, object]:
     prov: dict[str, object] = {
+        "probe_pass": probe_pass,
         "engine": score_eng.name if score_eng.name == gen_eng.name else f"{score_eng.name} (scoring), {gen_eng.name} (generation)",
         "engine_version": score_eng.version if score_eng.version == gen_eng.version else f"{score_eng.version}; {gen_eng.version}",
         "dtype": score_eng.dtype,
@@ -268,6 +236,8 @@ def _provenance(score_eng, gen_eng) -> dict[str, object]:
         "mc_scoring": getattr(score_eng, "scoring", "engine prefix cache"),
         "eval_code_version": EVAL_CODE_VERSION,
     }
+    if hasattr(score_eng, "prompt_batch_size"):
+        prov["prompt_batch_size"] = score_eng.prompt_batch_size
     for eng in {id(score_eng): score_eng, id(gen_eng): gen_eng}.values():
         if getattr(eng, "load_note", None) is not None:  # the vLLM engine: how the weights got there
             prov["vllm_weights"] = eng.load_note
@@ -275,13 +245,51 @@ def _provenance(score_eng, gen_eng) -> dict[str, object]:
     return prov
 
 
-def evaluate_unit(score_eng, gen_eng, tokenizer, plan: KindPlan, max_new_tokens: int, stops: Sequence[int]) -> dict[str, np.ndarray]:
-    """All metric arrays [item] of one kind on the engines' current checkpoint."""
-    scores = item_scores(plan, score_eng.score(plan.requests))
-    gen_ids = gen_eng.generate(plan.gen_prompts, max_new_tokens, stops)
+def evaluate_unit(
+    score_eng,
+    gen_eng,
+    tokenizer,
+    plan: KindPlan,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    *,
+    capture_layers: Sequence[int] | None = None,
+    capture_final: bool = False,
+) -> tuple[dict[str, np.ndarray], "PassOutput | None"]:
+    """All metric arrays [item] of one kind on the engines' current checkpoint, and the prompt
+    pass's output where the scoring engine is HF (None otherwise).
+
+    HF scoring runs the prompt pass (:meth:`HFEngine.evaluate_plan`): scoring, generation (when
+    the HF engine also generates) and, with ``capture_layers``/``capture_final``, the capture
+    states of the same forward (the fused probe pass). Otherwise each engine does its operation.
+    """
+    out = None
+    if hasattr(score_eng, "evaluate_plan"):
+        gen = Generation(int(max_new_tokens), frozenset(int(s) for s in stops)) if gen_eng is score_eng else None
+        lps, out = score_eng.evaluate_plan(plan, gen, layers=capture_layers, final_norm=capture_final)
+        gen_ids = out.generated if gen is not None else gen_eng.generate(plan.gen_prompts, max_new_tokens, stops)
+    else:
+        lps = score_eng.score(plan.requests)
+        gen_ids = gen_eng.generate(plan.gen_prompts, max_new_tokens, stops)
+    scores = item_scores(plan, lps)
     stop_set = set(stops)
     texts = [finish_generation(tokenizer, ids, stop_set) for ids in gen_ids]
-    return {**scores, **generation_metrics(plan.answers, texts)}
+    return {**scores, **generation_metrics(plan.answers, texts)}, out
+
+
+def _fusable(run: Run, engines: "_Engines") -> bool:
+    """Whether capture can share evaluation's prompt pass: HF scoring, on the device capture
+    would use (no ``capture.device_map``)."""
+    import torch
+
+    from .capture import _device
+
+    cfg = run.config.capture
+    if engines.score_name != "hf" or cfg.device_map is not None:
+        return False
+    want = torch.device(_device(cfg.device))
+    have = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return want.type == have.type and (want.type == "cpu" or (want.index or 0) == (have.index or 0))
 
 
 def evaluate_run(
@@ -293,6 +301,7 @@ def evaluate_run(
     progress: bool = True,
     shard: Shard | str | None = None,
     redo: bool = False,
+    capture: bool = False,
 ) -> pd.DataFrame:
     """Evaluate the missing (checkpoint × kind) units and return :func:`metrics_table` of the run.
 
@@ -301,6 +310,14 @@ def evaluate_run(
     ``shard``: ``"i/n"`` or :class:`Shard` — this process takes the checkpoints at series
     positions ≡ i (mod n) and writes only their cells; ``redo``: recompute the selected units even
     where they are committed and current.
+
+    ``capture``: the fused probe pass (``rotelab run`` with both stages). Where the scoring engine
+    is HF on capture's device, every unit computed here whose (checkpoint, kind) capture also
+    still needs (:func:`rotelab.probe.capture.plan_capture` with the config's capture kinds and
+    layers) takes its capture states from the same prompt forward and writes them (attrs
+    ``probe_pass: fused`` on the slabs and the unit's arrays). Requires the kind's capture prompts
+    (:func:`rotelab.tokenization.encode_prompt`) to equal its generation prompts, else that kind
+    is left to the capture stage. What is left, :func:`rotelab.probe.capture_run` does after.
     """
     from rotelab.store import Store
 
@@ -345,6 +362,16 @@ def evaluate_run(
         groups = {
             k: store.ensure_kind(k, checkpoints=ids, layers=list(range(n_layers + 1)), items=run.items(k)) for k in todo_kinds
         }
+    cap_plan = None
+    if capture and _fusable(run, engines):
+        from rotelab.tokenization import encode_prompt
+
+        from .capture import plan_capture
+
+        ckinds = [k for k in (run.config.capture.kinds or run.kinds()) if k in todo_kinds]
+        ckinds = [k for k in ckinds if [tuple(encode_prompt(tokenizer, t)) for t in run.items(k)["text"]] == list(plans[k].gen_prompts)]
+        if ckinds:
+            cap_plan = plan_capture(run, checkpoints=[e.id for e in entries], kinds=ckinds, shard=Shard())
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -357,11 +384,23 @@ def evaluate_run(
                 continue
             score_eng = engines.get(engines.score_name, dirs[e.id])
             gen_eng = engines.get(engines.gen_name, dirs[e.id])
-            prov = _provenance(score_eng, gen_eng)
+            if cap_plan is not None:
+                from .capture import check_shape
+                from .sites import ModelSites
+
+                check_shape(ModelSites(score_eng.model), dirs[e.id], cap_plan.n_layers, cap_plan.hidden)
             for k in units:
                 if bar is not None:
                     bar.set_postfix_str(f"{e.id} {k}")
-                arrays = evaluate_unit(score_eng, gen_eng, tokenizer, plans[k], run.config.eval.max_new_tokens, stops)
+                need = cap_plan.todo(e.id, k) if cap_plan is not None else None
+                arrays, out = evaluate_unit(
+                    score_eng, gen_eng, tokenizer, plans[k], run.config.eval.max_new_tokens, stops,
+                    capture_layers=need[0] if need else None, capture_final=bool(need and need[1]),
+                )
+                prov = _provenance(score_eng, gen_eng, "fused" if need else "separate")
+                if need and out is not None:  # capture first: the eval unit's commit is what a rerun checks
+                    h = out.hidden if out.hidden is not None else np.empty((0, plans[k].n_items, cap_plan.hidden), np.float32)
+                    cap_plan.write(e.id, k, need[0], h, out.final, need[1], "fused")
                 groups[k].write_item_arrays(e.id, arrays, attrs={**prov, f"provenance/{e.id}": prov})
                 if bar is not None:
                     bar.update(1)

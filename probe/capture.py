@@ -3,11 +3,15 @@ of a run and every prompt kind, into the run's zarr store.
 
 * :func:`capture_hidden` — one loaded model, a list of prompts → ``hidden [layer, item, hidden]`` and
   ``final_norm [item, hidden]`` (float32 numpy). Prompts are tokenized exactly as evaluation scores
-  them (:func:`rotelab.tokenization.encode_prompt`), batched by length and padded on the *right*
-  with position ids ``0..len-1``: a causal model's real tokens never see the padding, so a batch
-  equals one prompt at a time for rotary (Llama) and absolute-position (GPT-2) models alike.
-* :func:`capture_run` — the stage: loads each checkpoint once, captures every requested kind, writes
-  one ``(checkpoint, layer)`` slab at a time (chunk, then commit marker) and the final-norm entry.
+  them (:func:`rotelab.tokenization.encode_prompt`) and run by the prompt pass
+  (:mod:`rotelab.probe.prompt_pass`): batched by length and padded on the *right* with position
+  ids ``0..len-1`` (a causal model's real tokens never see the padding, so a batch equals one
+  prompt at a time for rotary (Llama) and absolute-position (GPT-2) models alike), states read by
+  forward hooks on the decoder's blocks.
+* :func:`capture_run` — the stage (:func:`plan_capture` finds what is missing, :class:`CapturePlan`
+  writes it): loads each checkpoint once, captures every requested kind, writes one ``(checkpoint,
+  layer)`` slab at a time (chunk, then commit marker) and the final-norm entry. The fused probe
+  pass (:func:`rotelab.probe.evaluate_run` ``capture=True``) writes through the same plan.
   It does only what is not committed yet, so a killed capture resumes where it stopped; several
   processes may capture disjoint checkpoints at once (``shard``).
 
@@ -51,26 +55,16 @@ from rotelab.errors import RotelabError
 from rotelab.models import ModelShape, model_shape
 from rotelab.tokenization import encode_prompt
 
-from .accuracy import Shard
-from .capture_trace import trace_last_token
-from .sites import Batch, ModelSites, Site, check_layers, encode_batches, resid
+from rotelab.batching import pad_id
+
+from .shard import Shard
+from .prompt_pass import prompt_pass
+from .sites import ModelSites, check_layers
 
 COVERAGE = "capture_coverage"
 
 
 # --------------------------------------------------------------------------- one model
-
-
-def prompt_batches(tokenizer, texts: Sequence[str], batch_size: int, device: torch.device | str | None = None) -> list[Batch]:
-    """Tokenize ``texts`` with :func:`encode_prompt` and group them into right-padded batches of
-    similar length (longest first, so an out-of-memory shows at once)."""
-    if batch_size < 1:
-        raise RotelabError(f"batch_size must be ≥ 1, got {batch_size}")
-    ids = [encode_prompt(tokenizer, t) for t in texts]
-    for t, x in zip(texts, ids):
-        if not x:
-            raise RotelabError(f"prompt {t!r} tokenizes to nothing")
-    return list(encode_batches(ids, tokenizer, batch_size, key=lambda i: (-len(ids[i]), i), device=device))
 
 
 def capture_into(
@@ -85,19 +79,23 @@ def capture_into(
 ) -> None:
     """Fill ``hidden_out [len(layers), len(texts), hidden]`` (sites ``resid[v]``) and ``final_out
     [len(texts), hidden]`` (site ``final_norm``), any float dtype, with the last prompt token's
-    states; ``on_batch(n)`` after each batch. Pass a :class:`ModelSites` to reuse its wrapper."""
+    states, by :func:`rotelab.probe.prompt_pass.prompt_pass` over the prompts tokenized with
+    :func:`encode_prompt` (``batch_size`` prompts per forward); ``on_batch(n)`` after each batch.
+    Pass a :class:`ModelSites` to reuse its layer lookup."""
     sites = model if isinstance(model, ModelSites) else ModelSites(model)
     layers = [int(x) for x in layers]
     if layers and (check_layers(layers, sites.n_layers, type(sites.model).__name__) != layers):
         raise RotelabError(f"capture_into: layers must be unique and ascending, got {layers}")
-    wanted = [resid(v) for v in layers] + [Site("final_norm")]
-    for batch in prompt_batches(tokenizer, texts, batch_size, sites.device):
-        h = trace_last_token(sites.wrapped_decoder, wanted, batch.padded)
-        if len(layers):
-            hidden_out[:, batch.rows] = h[:-1].numpy()
-        final_out[batch.rows] = h[-1].numpy()
-        if on_batch is not None:
-            on_batch(len(batch.rows))
+    if batch_size < 1:
+        raise RotelabError(f"batch_size must be ≥ 1, got {batch_size}")
+    ids = [encode_prompt(tokenizer, t) for t in texts]
+    for t, x in zip(texts, ids):
+        if not x:
+            raise RotelabError(f"prompt {t!r} tokenizes to nothing")
+    out = prompt_pass(sites, ids, pad_id=pad_id(tokenizer), batch_size=batch_size, layers=layers, final_norm=True, on_batch=on_batch)
+    if layers:
+        hidden_out[...] = out.hidden
+    final_out[...] = out.final
 
 
 def capture_hidden(
@@ -250,7 +248,68 @@ def _human(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def capture_run(
+#: Attribute (on ``activations`` and ``final_norm``) naming the pass that wrote a checkpoint's
+#: cells: ``probe_pass/<checkpoint>`` = ``{"<layer>": pass, …}`` on activations, the pass on final_norm.
+PROBE_PASS_ATTR = "probe_pass"
+
+
+@dataclass
+class CapturePlan:
+    """What a capture still has to write (:func:`plan_capture`): per checkpoint, per kind, the
+    layers and whether the final norm; ``write`` stores one (checkpoint, kind)'s states."""
+
+    run: object
+    store: object
+    works: dict[str, _KindWork]
+    todos: list[_Todo]
+    layers: list[int]
+    n_layers: int
+    hidden: int
+    shard: Shard | None
+    selected: list[CheckpointEntry]
+
+    def todo(self, checkpoint: str, kind: str) -> tuple[list[int], bool] | None:
+        """(layers, final norm) still to write for (checkpoint, kind); None when nothing is."""
+        for t in self.todos:
+            if t.entry.id == checkpoint and kind in t.kinds():
+                return list(t.layers[kind]), bool(t.final[kind])
+        return None
+
+    def write(self, checkpoint: str, kind: str, layers: Sequence[int], h: np.ndarray, f: np.ndarray, final: bool, probe_pass: str) -> None:
+        """Write the slabs ``h [len(layers), item, hidden]`` and (``final``) the final norm ``f [item,
+        hidden]`` of (checkpoint, kind), recording ``probe_pass`` (``fused``/``separate``) in the
+        attrs first (so a committed cell's entry always names the pass that wrote it), and mark
+        the pair done."""
+        from rotelab.runlock import store_layout_lock
+
+        w = self.works[kind]
+        key = f"{PROBE_PASS_ATTR}/{checkpoint}"
+        try:
+            with store_layout_lock(self.run.root):  # shards share the arrays' metadata
+                if layers:
+                    have = w.group.array_attrs("activations").get(key) or {}
+                    w.group.merge_attrs("activations", {key: {**have, **{str(v): probe_pass for v in layers}}})
+                if final:
+                    w.group.merge_attrs("final_norm", {key: probe_pass})
+        except OSError as err:
+            raise _disk_error(err, self.run.store_path, f"the provenance of {checkpoint!r}, kind {kind!r}") from None
+        for li, layer in enumerate(layers):
+            try:
+                _write_slab(w, checkpoint, layer, h[li])
+            except OSError as err:
+                raise _disk_error(err, self.run.store_path, f"slab ({checkpoint}, layer {layer}) of kind {kind!r}") from None
+        if final:
+            try:
+                _write_final(w, checkpoint, f)
+            except OSError as err:
+                raise _disk_error(err, self.run.store_path, f"final_norm of {checkpoint!r}, kind {kind!r}") from None
+        for t in self.todos:
+            if t.entry.id == checkpoint and kind in t.layers:
+                t.layers[kind], t.final[kind] = [], False
+        self.todos = [t for t in self.todos if t.kinds()]
+
+
+def plan_capture(
     run,
     *,
     checkpoints: Sequence[str] | None = None,
@@ -258,18 +317,9 @@ def capture_run(
     layers: Sequence[int] | None = None,
     items: Sequence[int] | None = None,
     shard: Shard | tuple[int, int] | None = None,
-    progress: bool = True,
-) -> None:
-    """Capture hidden states of ``run`` into ``run.store_path`` (see the module docstring).
-
-    ``checkpoints`` (ids), ``kinds``, ``layers`` default to the config's ``capture`` section, then
-    to everything. ``items``: item ids to capture in each kind (ids a kind lacks are skipped);
-    default all. ``shard`` (a :class:`rotelab.probe.accuracy.Shard`, the type eval uses, or ``(i, n)``): take only the selected checkpoints whose position ``% n == i``
-    (default: ``RANK``/``WORLD_SIZE`` from a launcher's environment). Committed slabs are skipped;
-    everything else is (re)written, one ``(checkpoint, layer)`` slab at a time.
-    """
-    from tqdm.auto import tqdm
-
+) -> CapturePlan:
+    """Validate a capture request, create or grow the store layout, and find what is not committed
+    (arguments as :func:`capture_run`)."""
     from rotelab.store import Store
 
     cfg = run.config.capture
@@ -327,16 +377,43 @@ def capture_run(
         for t in todos:
             t.layers[w.kind], t.final[w.kind] = plan[t.entry.id]
     todos = [t for t in todos if t.kinds()]
-    by_kind = {w.kind: w for w in works}
+    return CapturePlan(run, store, {w.kind: w for w in works}, todos, layer_list, n_layers, hidden, shard, selected)
 
-    n_items = sum(len(w.positions) for w in works)
-    total = n_items * len(layer_list) * hidden * len(selected) * 2
+
+def capture_run(
+    run,
+    *,
+    checkpoints: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    items: Sequence[int] | None = None,
+    shard: Shard | tuple[int, int] | None = None,
+    progress: bool = True,
+) -> None:
+    """Capture hidden states of ``run`` into ``run.store_path`` (see the module docstring).
+
+    ``checkpoints`` (ids), ``kinds``, ``layers`` default to the config's ``capture`` section, then
+    to everything. ``items``: item ids to capture in each kind (ids a kind lacks are skipped);
+    default all. ``shard`` (a :class:`rotelab.probe.accuracy.Shard`, the type eval uses, or ``(i, n)``): take only the selected checkpoints whose position ``% n == i``
+    (default: ``RANK``/``WORLD_SIZE`` from a launcher's environment). Committed slabs are skipped;
+    everything else is (re)written, one ``(checkpoint, layer)`` slab at a time. The forward is the
+    prompt pass (:mod:`rotelab.probe.prompt_pass`, ``capture.batch_size`` prompts per forward); the
+    slabs' attrs record ``probe_pass: separate`` (``fused`` where :func:`rotelab.probe.evaluate_run`
+    captured them in its own pass).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = run.config.capture
+    plan = plan_capture(run, checkpoints=checkpoints, kinds=kinds, layers=layers, items=items, shard=shard)
+    shard, hidden, n_layers, todos, by_kind = plan.shard, plan.hidden, plan.n_layers, list(plan.todos), plan.works
+    n_items = sum(len(w.positions) for w in by_kind.values())
+    total = n_items * len(plan.layers) * hidden * len(plan.selected) * 2
     todo_bytes = sum(len(by_kind[k].positions) * len(t.layers[k]) * hidden * 2 for t in todos for k in t.kinds())
     if progress:
         print(
-            f"capture{f' [shard {shard.index}/{shard.count}]' if shard else ''}: {len(selected)} checkpoints × {len(works)} kinds ({n_items} items) × {len(layer_list)} layers"
+            f"capture{f' [shard {shard.index}/{shard.count}]' if shard else ''}: {len(plan.selected)} checkpoints × {len(by_kind)} kinds ({n_items} items) × {len(plan.layers)} layers"
             f" × {hidden} hidden × 2 bytes ≈ {_human(total)} of activations; {_human(todo_bytes)} still to write"
-            f" ({len(todos)} checkpoints) in {store.path}",
+            f" ({len(todos)} checkpoints) in {plan.store.path}",
             file=sys.stderr,
             flush=True,
         )
@@ -357,11 +434,7 @@ def capture_run(
         for t in todos:
             model, tok = load_checkpoint(run.checkpoint_dir(t.entry), dtype, cfg.device, cfg.device_map)
             sites = ModelSites(model)
-            if sites.hidden != hidden or sites.n_layers != n_layers:
-                raise RotelabError(
-                    f"{run.checkpoint_dir(t.entry)}: model shape {sites.n_layers} layers × {sites.hidden} differs from the series' "
-                    f"{n_layers} × {hidden}"
-                )
+            check_shape(sites, run.checkpoint_dir(t.entry), n_layers, hidden)
             for kind in t.kinds():
                 w = by_kind[kind]
                 bar.set_postfix_str(f"{t.entry.id} {kind}", refresh=False)
@@ -369,17 +442,13 @@ def capture_run(
                 h = np.empty((len(todo_layers), len(w.texts), hidden), dtype=np.float32)
                 f = np.empty((len(w.texts), hidden), dtype=np.float32)
                 capture_into(sites, tok, w.texts, todo_layers, h, f, cfg.batch_size, on_batch=bar.update)
-                for li, layer in enumerate(todo_layers):
-                    what = f"slab ({t.entry.id}, layer {layer}) of kind {kind!r}"
-                    try:
-                        _write_slab(w, t.entry.id, layer, h[li])
-                    except OSError as err:
-                        raise _disk_error(err, run.store_path, what) from None
-                if t.final[kind]:
-                    try:
-                        _write_final(w, t.entry.id, f)
-                    except OSError as err:
-                        raise _disk_error(err, run.store_path, f"final_norm of {t.entry.id!r}, kind {kind!r}") from None
+                plan.write(t.entry.id, kind, todo_layers, h, f, t.final[kind], "separate")
             del model, sites
     finally:
         bar.close()
+
+
+def check_shape(sites: ModelSites, where: Path, n_layers: int, hidden: int) -> None:
+    """Raise unless the loaded model has the series' shape."""
+    if sites.hidden != hidden or sites.n_layers != n_layers:
+        raise RotelabError(f"{where}: model shape {sites.n_layers} layers × {sites.hidden} differs from the series' {n_layers} × {hidden}")

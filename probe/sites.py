@@ -17,8 +17,9 @@ Sites
 
 :class:`ModelSites` finds the decoder (``model.base_model``: ``LlamaModel``, ``GPT2Model``, …), its
 one ``ModuleList`` of ``config.num_hidden_layers`` blocks and its final norm, reads the shape once,
-and wraps the model with :class:`nnsight.NNsight` once (cheap: no weights are copied): ``decoder``
-scope (no LM head: capture skips the vocab × hidden work) or ``model`` scope (logits: patching).
+and wraps the model with :class:`nnsight.NNsight` once (cheap: no weights are copied; patching reads
+its logits). Capture does not trace: :mod:`rotelab.probe.prompt_pass` reads ``resid[v]`` of the
+decoder's blocks by forward hooks on the prompt forward it shares with evaluation.
 Inside a trace, :meth:`Wrapped.value` gives the site's proxy, to read or to assign into.
 
 :func:`encode_batches` pads and batches through :mod:`rotelab.batching`, the collator training
@@ -97,7 +98,7 @@ def _resolve(obj: Any, path: str) -> Any:
 
 @dataclass(frozen=True)
 class Wrapped:
-    """An nnsight wrapper of the model (``scope="model"``) or of its decoder (``"decoder"``), with
+    """An nnsight wrapper of the model, with
     the envoys of the block list and the final norm resolved once."""
 
     nn: Any
@@ -181,11 +182,6 @@ class ModelSites:
             nn = nnsight.NNsight(root)
         base = _resolve(nn, prefix)
         return Wrapped(nn, getattr(base, self.blocks_name), getattr(base, self.norm_name), self.n_layers)
-
-    @cached_property
-    def wrapped_decoder(self) -> Wrapped:
-        """The decoder wrapped once (runs without the LM head)."""
-        return self._wrap(self.decoder, "")
 
     @cached_property
     def wrapped_model(self) -> Wrapped:

@@ -184,6 +184,9 @@ class EvalConfig(_Section):
     kinds: list[str] | None = setting(None)
     """Prompt kinds to evaluate; default: all kinds the run has."""
     batch_size: int = setting(32, ge=1)
+    """vLLM's batch, and the HF engine's ``score()`` batch for a request behind a prefix that is not
+    its item's prompt. HF scoring and generation behind the prompts run in the prompt pass, whose
+    batch is ``capture.batch_size``."""
     max_new_tokens: int = Field(16, ge=1)
     gpu_memory_utilization: float = setting(0.2, gt=0, le=1)
     """vLLM: fraction of GPU memory (on CPU: of host memory) the engine reserves."""
@@ -201,6 +204,9 @@ class CaptureConfig(_Section):
     layers: list[int] | None = setting(None)
     """Layers to capture (0 = embedding output, i = output of block i); default: all."""
     batch_size: int = setting(32, ge=1)
+    """Prompts per forward of the prompt pass (:mod:`rotelab.probe.prompt_pass`), the one forward
+    capture, HF evaluation (scoring and generation) and the fused probe pass share: one batching,
+    so each stage alone stores the same numbers as the fused pass. It changes float rounding only."""
     device: str = setting("auto")
     """``auto`` (``cuda:$LOCAL_RANK`` when CUDA is available, else ``cpu``), ``cpu``, ``cuda:1``, …"""
     device_map: str | None = setting(None)

@@ -58,7 +58,11 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _stage_functions(progress: bool) -> dict[str, Callable[[Run], object]]:
+def _stage_functions(progress: bool, fuse: bool = False) -> dict[str, Callable[[Run], object]]:
+    """The stage callables; ``fuse``: eval also captures what capture needs from its prompt pass
+    (the fused probe pass, :func:`rotelab.probe.evaluate_run` ``capture=True``), so the capture
+    stage after it only does what eval could not share."""
+
     def data(run: Run) -> None:
         run.ensure_data()
 
@@ -70,7 +74,7 @@ def _stage_functions(progress: bool) -> dict[str, Callable[[Run], object]]:
     def eval_(run: Run) -> None:
         from rotelab.probe import evaluate_run
 
-        evaluate_run(run, progress=progress)
+        evaluate_run(run, progress=progress, capture=fuse)
         track_eval(run)
 
     def capture(run: Run) -> None:
@@ -136,7 +140,7 @@ def run_pipeline(
 
 
 def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callable[[str], None]) -> PipelineResult:
-    fns = _stage_functions(progress)
+    fns = _stage_functions(progress, fuse={"eval", "capture"} <= set(stages))
     result = PipelineResult(run)
     t_all = time.perf_counter()
     for i, stage in enumerate(stages, start=1):

@@ -2,7 +2,11 @@
 
 Usage::
 
-    python scripts/compare_stores.py RUN_OR_STORE_A RUN_OR_STORE_B
+    python scripts/compare_stores.py [--ignore-attr KEY]... RUN_OR_STORE_A RUN_OR_STORE_B
+
+``--ignore-attr KEY`` leaves attribute ``KEY`` and ``KEY/…`` out at any depth, e.g.
+``--ignore-attr probe_pass`` to compare a fused probe pass with separate eval and capture stages
+(the attrs say which pass wrote each array; the values must not differ).
 
 Each argument is a run directory (its ``store.zarr`` is used) or a ``store.zarr`` folder. Compared:
 
@@ -22,6 +26,7 @@ Prints one line per difference and a summary line; exit status 0 when identical,
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +46,18 @@ def _store_path(arg: str) -> Path:
     raise SystemExit(f"compare_stores: {arg}: neither a run directory nor a store.zarr folder")
 
 
-def _strip_times(obj: Any) -> Any:
+def _strip_times(obj: Any, ignore: Sequence[str] = ()) -> Any:
+    """``obj`` without time keys and without the keys in ``ignore`` (a key ``k`` also drops
+    ``k/<anything>``), at any nesting depth."""
+
+    def dropped(k: object) -> bool:
+        k = str(k)
+        return any(w in k.lower() for w in _TIME_WORDS) or any(k == i or k.startswith(i + "/") for i in ignore)
+
     if isinstance(obj, dict):
-        return {k: _strip_times(v) for k, v in obj.items() if not any(w in str(k).lower() for w in _TIME_WORDS)}
+        return {k: _strip_times(v, ignore) for k, v in obj.items() if not dropped(k)}
     if isinstance(obj, list):
-        return [_strip_times(v) for v in obj]
+        return [_strip_times(v, ignore) for v in obj]
     return obj
 
 
@@ -109,8 +121,9 @@ def _compare_frames(name: str, a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
     return out
 
 
-def compare(path_a: Path, path_b: Path) -> tuple[list[str], int, int]:
-    """``(differences, arrays compared, tables compared)``."""
+def compare(path_a: Path, path_b: Path, ignore_attrs: Sequence[str] = ()) -> tuple[list[str], int, int]:
+    """``(differences, arrays compared, tables compared)``; attribute keys in ``ignore_attrs``
+    (and ``key/…``) are not compared, at any depth (e.g. ``probe_pass``: which pass wrote a cell)."""
     from rotelab.store import Store
 
     ga, gb = zarr.open_group(path_a, mode="r"), zarr.open_group(path_b, mode="r")
@@ -120,7 +133,7 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], int, int]:
     for p in sorted(set(groups_a) ^ set(groups_b)):
         diffs.append(f"group {p}: only in {'A' if p in groups_a else 'B'}")
     for p in sorted(set(groups_a) & set(groups_b)):
-        if _strip_times(dict(groups_a[p].attrs)) != _strip_times(dict(groups_b[p].attrs)):
+        if _strip_times(dict(groups_a[p].attrs), ignore_attrs) != _strip_times(dict(groups_b[p].attrs), ignore_attrs):
             diffs.append(f"group {p}: attributes differ")
     for p in sorted(set(arrays_a) ^ set(arrays_b)):
         diffs.append(f"array {p}: only in {'A' if p in arrays_a else 'B'}")
@@ -133,7 +146,7 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], int, int]:
         if a.shape != b.shape:
             diffs.append(f"array {p}: shape {a.shape} vs {b.shape}")
             continue
-        attrs_a, attrs_b = _strip_times(dict(a.attrs)), _strip_times(dict(b.attrs))
+        attrs_a, attrs_b = _strip_times(dict(a.attrs), ignore_attrs), _strip_times(dict(b.attrs), ignore_attrs)
         if attrs_a != attrs_b:
             keys = sorted(k for k in set(attrs_a) | set(attrs_b) if attrs_a.get(k) != attrs_b.get(k))
             diffs.append(f"array {p}: attributes differ: {', '.join(keys)}")
@@ -152,12 +165,20 @@ def compare(path_a: Path, path_b: Path) -> tuple[list[str], int, int]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    ignore: list[str] = []
+    args: list[str] = []
+    it = iter(argv)
+    for x in it:
+        if x == "--ignore-attr":
+            ignore.append(next(it, ""))
+        else:
+            args.append(x)
+    if len(args) != 2 or "" in ignore:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
-        print("usage: compare_stores.py RUN_OR_STORE_A RUN_OR_STORE_B", file=sys.stderr)
+        print("usage: compare_stores.py [--ignore-attr KEY]... RUN_OR_STORE_A RUN_OR_STORE_B", file=sys.stderr)
         return 2
-    a, b = _store_path(argv[0]), _store_path(argv[1])
-    diffs, n_arrays, n_tables = compare(a, b)
+    a, b = _store_path(args[0]), _store_path(args[1])
+    diffs, n_arrays, n_tables = compare(a, b, ignore)
     for d in diffs:
         print(d)
     if diffs:

@@ -384,6 +384,13 @@ class KindGroup:
             if have != role:
                 raise StoreMismatchError(f"{self._where()}: {name!r} exists as {have}, not {role}")
 
+    def merge_attrs(self, name: str, attrs: Mapping[str, Any]) -> None:
+        """Merge ``attrs`` into the attrs of array ``name`` (e.g. the provenance of capture slabs)."""
+        self._writable()
+        if not self._has(name):
+            raise MissingDataError(f"{self._where()}: no array {name!r}")
+        self._merge_attrs(name, attrs)
+
     def _merge_attrs(self, name: str, attrs: Mapping[str, Any] | None) -> None:
         """Merge ``attrs`` into the array's attrs, writing metadata only if something changes."""
         if not attrs:

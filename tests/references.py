@@ -92,3 +92,31 @@ def flat_shared_prefix_scores(model, requests, pad_id: int, batch_size: int = 32
             for b, i in enumerate(chunk):
                 out[i] = [results[(b, c)] for c in range(len(requests[i].continuations))]
     return out
+
+
+def hf_generate(model, prompts, max_new_tokens: int, stops, pad_id: int, batch_size: int = 4) -> list[list[int]]:
+    """``model.generate`` (greedy) on left-padded batches of ``prompts`` in the given order, each
+    row's new tokens cut after its first stop id: the HF engine's generation before the prompt pass."""
+    stops = set(int(s) for s in stops)
+    out: list[list[int]] = []
+    for b0 in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[b0 : b0 + batch_size]]
+        n = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, n - len(p) :] = torch.tensor(p)
+            mask[i, n - len(p) :] = 1
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                eos_token_id=sorted(stops), pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+            )
+        for row in gen[:, n:].tolist():
+            cut: list[int] = []
+            for t in row:
+                cut.append(int(t))
+                if t in stops:
+                    break
+            out.append(cut)
+    return out

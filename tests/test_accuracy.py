@@ -53,15 +53,16 @@ def evaluated(tmp_path_factory):
 
 
 def count_scored_checkpoints(monkeypatch) -> list[str]:
-    """Spy on the HF engine: the list fills with the checkpoint name of every ``score`` call."""
+    """Spy on the HF engine: the list fills with the checkpoint name of every unit it evaluates
+    (``evaluate_plan``, the prompt pass)."""
     calls: list[str] = []
-    orig = HFEngine.score
+    orig = HFEngine.evaluate_plan
 
-    def counting(self, requests):
+    def counting(self, plan, *a, **k):
         calls.append(self.checkpoint.name)
-        return orig(self, requests)
+        return orig(self, plan, *a, **k)
 
-    monkeypatch.setattr(HFEngine, "score", counting)
+    monkeypatch.setattr(HFEngine, "evaluate_plan", counting)
     return calls
 
 

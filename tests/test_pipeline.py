@@ -171,10 +171,52 @@ def test_keep_weights_drops_only_after_eval_capture_and_analyze(tmp_path: Path, 
             seen.append((name, sum(1 for e in r.checkpoints() if e.path is not None and (r.root / e.path / "model.safetensors").is_file())))
         return f
 
-    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress: {s: fake(s) for s in pipeline.STAGES})
+    monkeypatch.setattr(pipeline, "_stage_functions", lambda progress, fuse=False: {s: fake(s) for s in pipeline.STAGES})
     pipeline.run_pipeline(run, stages=("train", "eval", "capture"), echo=lambda m: None)
     assert all(e.path is not None for e in run.checkpoints())
     pipeline.run_pipeline(run, echo=lambda m: None)
     assert [n for s, n in seen if s in ("eval", "capture", "analyze")] == [4] * 5
     assert [e.id for e in run.checkpoints() if e.path is not None] == ["base", "p1-e03"]
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["base", "index.json", "p1-e03"]
+
+
+def test_fused_probe_pass_store_equals_separate_stages(tiny_run, tmp_path) -> None:
+    """The tiny run's checkpoints, evaluated and captured by ``rotelab run`` with both stages (the
+    fused probe pass) and by the eval and capture stages one after the other: every array of the
+    two stores is identical bit for bit (values, dtypes, shapes, attributes but ``probe_pass``),
+    and the attrs say which pass wrote each array."""
+    import shutil
+
+    import torch
+
+    from rotelab.pipeline import run_pipeline
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare_stores import compare
+
+    run_dir, _ = tiny_run
+    runs = {}
+    for name in ("fused", "separate"):
+        shutil.copytree(run_dir, tmp_path / name, ignore=shutil.ignore_patterns("store.zarr", "tensorboard"))
+        runs[name] = Run.open(tmp_path / name)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # both in this process, on the same threads
+    try:
+        run_pipeline(runs["fused"], stages=("eval", "capture"), progress=False, echo=lambda s: None)
+        run_pipeline(runs["separate"], stages=("eval",), progress=False, echo=lambda s: None)
+        run_pipeline(runs["separate"], stages=("capture",), progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    diffs, n_arrays, n_tables = compare(runs["fused"].store_path, runs["separate"].store_path, ["probe_pass"])
+    assert diffs == [], diffs[:10]
+    assert n_arrays > 100 and n_tables >= 1
+    for name, want in (("fused", "fused"), ("separate", "separate")):
+        st = Store.open(runs[name].store_path, mode="r")
+        for kind in st.kinds():
+            kg = st.kind(kind)
+            for ckpt in kg.checkpoints:
+                assert kg.array_attrs("object_prob")[f"provenance/{ckpt}"]["probe_pass"] == want
+                assert set(kg.array_attrs("activations")[f"probe_pass/{ckpt}"].values()) == {want}
+                assert kg.array_attrs("final_norm")[f"probe_pass/{ckpt}"] == want
