@@ -492,8 +492,17 @@ WRITER = textwrap.dedent(
         kg = st.ensure_kind("key", checkpoints=CKPTS, layers=LAYERS, items=make_items(), hidden=HIDDEN)
         for ci, c in enumerate(CKPTS):
             for li in LAYERS:
-                kg.write_slab(c, li, slab(ci, li)); time.sleep(sleep)
+                # as capture does after growth: only what is not committed yet (a rewrite of a
+                # committed slab un-commits it first, so a reader may see it NaN meanwhile)
+                if not kg.is_committed("activations", c, li):
+                    kg.write_slab(c, li, slab(ci, li)); time.sleep(sleep)
             kg.write_item_arrays(c, {"object_prob": np.full(len(kg.items), ci, dtype=np.float32)})
+    elif mode == "rewrite":  # overwrite every (committed) slab, three rounds
+        kg = st.kind("key")
+        for scale in (2.0, 4.0, 8.0):  # powers of two: exact in float16, so each round is told apart
+            for ci, c in enumerate(kg.checkpoints):
+                for li in LAYERS:
+                    kg.write_slab(c, li, slab(ci, li) * scale); time.sleep(sleep)
     elif mode == "all":
         kg = st.kind("key")
         for ci, c in enumerate(CKPTS):
@@ -572,6 +581,37 @@ def test_concurrent_reader_during_writes_and_growth(tmp_path: Path) -> None:
     reader.refresh()
     assert reader.checkpoints == CKPTS
     assert _check_consistent(reader) == len(CKPTS) * len(LAYERS)
+
+
+def test_reader_during_rewrites_of_committed_slabs(tmp_path: Path) -> None:
+    """A slab being rewritten is un-committed first: a reader sees one round's data exactly or all
+    NaN, never a mix of rounds or a torn chunk, and the last round's data once the writer is done."""
+    st, kg = make_store(tmp_path, checkpoints=CKPTS[:2])
+    for ci, c in enumerate(CKPTS[:2]):
+        for li in LAYERS:
+            kg.write_slab(c, li, slab(ci, li))
+    proc = _writer(tmp_path, st.path, "rewrite", 0.005)
+    reader = Store.open(st.path, mode="r").kind("key")
+    loops, nan_seen = 0, 0
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        loops += 1
+        a = reader.read_activations()
+        for ci in range(a.shape[0]):
+            for li in range(a.shape[1]):
+                if np.isnan(a[ci, li]).all():
+                    nan_seen += 1
+                    continue
+                ref = slab(ci, li).astype(np.float32)
+                assert any(np.array_equal(a[ci, li], ref * k) for k in (1.0, 2.0, 4.0, 8.0)), (ci, li)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert loops > 3
+    assert reader.committed("activations").all()
+    final = reader.read_activations()
+    for ci in range(2):
+        for li in range(len(LAYERS)):
+            np.testing.assert_array_equal(final[ci, li], slab(ci, li).astype(np.float32) * 8.0)
 
 
 def test_two_rank_writers(tmp_path: Path) -> None:
