@@ -127,19 +127,32 @@ def run_pipeline(
     stages: tuple[str, ...] = STAGES,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    prune: bool = True,
 ) -> PipelineResult:
     """Run the stages in order on one run; each skips what is already done. Holds the run's
-    writer lock (:mod:`rotelab.runlock`) throughout."""
+    writer lock (:mod:`rotelab.runlock`) throughout. ``prune``: apply ``train.keep_weights`` at the
+    end (:func:`prune_weights_after`); a sweep defers it until every sibling has trained."""
     from rotelab.runlock import run_lock
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RotelabError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
     with run_lock(run.root, "rotelab run " + ",".join(stages)):
-        return _run_stages(run, stages, progress, echo)
+        return _run_stages(run, stages, progress, echo, prune)
 
 
-def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callable[[str], None]) -> PipelineResult:
+def prune_weights_after(run: Run, stages: tuple[str, ...], echo: Callable[[str], None]) -> None:
+    """Drop the weights ``train.keep_weights`` does not keep, if ``stages`` ran every consumer of
+    them (eval, capture, analyze)."""
+    if {"eval", "capture", "analyze"} <= set(stages):
+        from rotelab.train.pipeline import prune_consumed_weights
+
+        dropped = prune_consumed_weights(run)
+        if dropped:
+            echo(f"   train.keep_weights: {run.config.train.keep_weights} — dropped the weights of {len(dropped)} checkpoints ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''})")
+
+
+def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callable[[str], None], prune: bool = True) -> PipelineResult:
     fns = _stage_functions(progress, fuse={"eval", "capture"} <= set(stages))
     result = PipelineResult(run)
     t_all = time.perf_counter()
@@ -151,12 +164,8 @@ def _run_stages(run: Run, stages: tuple[str, ...], progress: bool, echo: Callabl
         fns[stage](run)
         result.timings.append(StageTiming(stage, time.perf_counter() - t0))
         echo(f"   {stage} done in {_fmt(result.timings[-1].seconds)}")
-    if {"eval", "capture", "analyze"} <= set(stages):  # every consumer of the weights is done
-        from rotelab.train.pipeline import prune_consumed_weights
-
-        dropped = prune_consumed_weights(run)
-        if dropped:
-            echo(f"   train.keep_weights: {run.config.train.keep_weights} — dropped the weights of {len(dropped)} checkpoints ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''})")
+    if prune:
+        prune_weights_after(run, stages, echo)
     if "summary" in stages and run.summary_path.is_file():
         result.summary = run.summary_path.read_text(encoding="utf-8")
     echo(f"── all stages done in {_fmt(time.perf_counter() - t_all)}")
@@ -198,14 +207,27 @@ def run_config(
         runs_dir, run_dir = Path(run_dir), None
     results: list[PipelineResult] = []
     trained_phase1: dict[str, Run] = {}
+    sweep = len(configs) > 1
     for cfg in configs:
         run = Run.create(cfg, run_dir, runs_dir)
-        if len(configs) > 1:
+        if sweep:
             echo(f"══ sweep run {len(results) + 1}/{len(configs)}: {cfg.name}")
             if "train" in stages:  # a sibling's phase 1 exists only once it was trained
                 _share_phase1(run, trained_phase1, echo)
-        results.append(run_pipeline(run, stages=stages, progress=progress, echo=echo))
+        # in a sweep, a later sibling links its phase 1 (and its phase-2 start) from an earlier one:
+        # pruning an earlier sibling before the later ones have linked would drop what they need
+        results.append(run_pipeline(run, stages=stages, progress=progress, echo=echo, prune=not sweep))
+    if sweep:  # every link exists now, and pruning keeps every folder a sibling links to
+        for res in reversed(results):
+            with _lock_for_prune(res.run, stages):
+                prune_weights_after(res.run, stages, echo)
     return results
+
+
+def _lock_for_prune(run: Run, stages: tuple[str, ...]):
+    from rotelab.runlock import run_lock
+
+    return run_lock(run.root, "rotelab run " + ",".join(stages) + " (train.keep_weights)")
 
 
 def _share_phase1(run: Run, trained: dict[str, Run], echo: Callable[[str], None]) -> None:

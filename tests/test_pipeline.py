@@ -220,3 +220,45 @@ def test_fused_probe_pass_store_equals_separate_stages(tiny_run, tmp_path) -> No
                 assert kg.array_attrs("object_prob")[f"provenance/{ckpt}"]["probe_pass"] == want
                 assert set(kg.array_attrs("activations")[f"probe_pass/{ckpt}"].values()) == {want}
                 assert kg.array_attrs("final_norm")[f"probe_pass/{ckpt}"] == want
+
+
+def test_sweep_prunes_only_after_every_sibling_linked_its_phase1(tmp_path: Path, monkeypatch) -> None:
+    """``train.keep_weights: final`` in a sweep whose siblings share phase 1 and start phase 2 from
+    different phase-1 points: the second sibling still trains (its phase-2 start's weights exist
+    when it links them), and afterwards what the setting drops is gone while every folder a
+    sibling links to is still there (checked on the files, not on the index)."""
+    from rotelab import pipeline
+    from rotelab.config import config_from_dict
+
+    real = pipeline._stage_functions
+
+    def stages_with_noop_consumers(progress, fuse=False):
+        fns = dict(real(progress, fuse))
+        for s in ("eval", "capture", "analyze", "figures", "summary"):
+            fns[s] = lambda r: None
+        return fns
+
+    monkeypatch.setattr(pipeline, "_stage_functions", stages_with_noop_consumers)
+    cfg = config_from_dict({
+        "name": "kw", "seed": 0, "model": {"name": "tiny-llama"},
+        "data": {"relations": ["capital", "author"], "facts_per_relation": 6, "distractors": 3, "templates_per_kind": 1},
+        "phase1": {"epochs": 2, "lr": 1.0e-2, "batch_size": 8},
+        "phase2": {"k": 2, "prompts": 1, "epochs": 2, "lr": 1.0e-3, "batch_size": 4},
+        "train": {"keep_weights": "final"},
+        "sweep": {"phase2.start": ["p1-e01", "p1-e02"]},
+    })
+    results = pipeline.run_config(cfg, runs_dir=tmp_path / "runs", progress=False, echo=lambda m: None)
+    first, second = (r.run for r in results)
+
+    def has_weights(run, cid: str) -> bool:
+        d = run.checkpoints_dir / cid
+        return d.exists() and any(d.resolve().glob("*.safetensors"))
+
+    for run in (first, second):
+        ids = [e.id for e in run.checkpoints()]
+        assert ids[-2:] == ["p2-e01", "p2-e02"], ids  # both siblings trained their phase 2
+        assert has_weights(run, "base") and has_weights(run, "p2-e02")
+        assert not has_weights(run, "p2-e01")  # dropped by `final`
+    assert (second.checkpoints_dir / "p1-e01").is_symlink()  # phase 1 is the first sibling's
+    for cid in ("p1-e01", "p1-e02"):  # linked by the second sibling: kept in the first
+        assert has_weights(first, cid) and has_weights(second, cid)
