@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -95,31 +96,13 @@ class _LastTokenHooks:
         self.last: torch.Tensor | None = None
         self.got: dict[int, torch.Tensor] = {}
         self.active = False  # only the prompt forward is read, never a continuation
-        self.handles = []
-        for v in self.layers:
-            if v == 0:
-                self.handles.append(sites.blocks[0].register_forward_pre_hook(self._pre(v), with_kwargs=True))
-            else:
-                self.handles.append(sites.blocks[v - 1].register_forward_hook(self._post(v)))
+        self.handles = [sites.hook_resid(v, partial(self._keep, v)) for v in self.layers]
 
-    def _keep(self, v: int, h) -> None:
+    def _keep(self, v: int, h: torch.Tensor) -> None:
         if not self.active:
             return
-        h = h[0] if isinstance(h, tuple) else h
         assert self.rows is not None and self.last is not None
         self.got[v] = h[self.rows.to(h.device), self.last.to(h.device)].float().cpu()
-
-    def _pre(self, v: int):
-        def hook(_mod, args, kwargs):
-            self._keep(v, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def _post(self, v: int):
-        def hook(_mod, _args, out):
-            self._keep(v, out)
-
-        return hook
 
     def close(self) -> None:
         for h in self.handles:

@@ -96,6 +96,20 @@ def _resolve(obj: Any, path: str) -> Any:
     return obj
 
 
+def resid_location(blocks: Any, v: int, n_layers: int) -> tuple[Any, Literal["input", "output"]]:
+    """Where site ``resid[v]`` lives in a block list (torch modules or nnsight envoys): the input of
+    block 0 for ``v = 0`` (the embedding output), else the output of block ``v − 1`` (0-based)."""
+    if not 0 <= v <= n_layers:
+        raise RotelabError(f"site resid[{v}]: out of range (resid[0]..resid[{n_layers}])")
+    return (blocks[0], "input") if v == 0 else (blocks[v - 1], "output")
+
+
+def _hidden(h: Any) -> Any:
+    """The hidden states of a block's input or output (blocks of some architectures return
+    ``(hidden, extras…)``)."""
+    return h[0] if isinstance(h, tuple) else h
+
+
 @dataclass(frozen=True)
 class Wrapped:
     """An nnsight wrapper of the model, with
@@ -110,13 +124,9 @@ class Wrapped:
         """Inside ``with self.nn.trace(…)``: the proxy of ``site`` ([batch, seq, hidden]), to read or
         to assign into (``value[rows, positions] = states``)."""
         if site.name == "final_norm":
-            h = self.norm.output
-        else:
-            v = int(site.layer)  # type: ignore[arg-type]
-            if not 0 <= v <= self.n_layers:
-                raise RotelabError(f"site {site}: out of range (resid[0]..resid[{self.n_layers}])")
-            h = self.blocks[0].input if v == 0 else self.blocks[v - 1].output
-        return h[0] if isinstance(h, tuple) else h  # blocks of some architectures return (hidden, extras…)
+            return _hidden(self.norm.output)
+        block, side = resid_location(self.blocks, int(site.layer), self.n_layers)  # type: ignore[arg-type]
+        return _hidden(getattr(block, side))
 
 
 class ModelSites:
@@ -162,6 +172,16 @@ class ModelSites:
         if emb is not None and getattr(emb, "weight", None) is not None:
             return emb.weight.device
         return next(self.decoder.parameters()).device
+
+    def hook_resid(self, v: int, fn: Callable[[torch.Tensor], None]) -> Any:
+        """Call ``fn`` with site ``resid[v]``'s value [batch, seq, hidden] on every forward of the
+        model (a plain torch hook, no nnsight); returns the hook handle (``.remove()``)."""
+        block, side = resid_location(self.blocks, v, self.n_layers)
+        if side == "input":
+            return block.register_forward_pre_hook(
+                lambda _m, args, kwargs: fn(_hidden(args[0] if args else kwargs["hidden_states"])), with_kwargs=True
+            )
+        return block.register_forward_hook(lambda _m, _args, out: fn(_hidden(out)))
 
     def sites(self) -> list[Site]:
         """Every readable site: ``resid[0..n_layers]`` and ``final_norm``."""
