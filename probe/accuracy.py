@@ -282,12 +282,12 @@ def _fusable(run: Run, engines: "_Engines") -> bool:
     would use (no ``capture.device_map``)."""
     import torch
 
-    from .capture import _device
+    from .capture import capture_device
 
     cfg = run.config.capture
     if engines.score_name != "hf" or cfg.device_map is not None:
         return False
-    want = torch.device(_device(cfg.device))
+    want = torch.device(capture_device(cfg.device))
     have = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return want.type == have.type and (want.type == "cpu" or (want.index or 0) == (have.index or 0))
 

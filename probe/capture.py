@@ -123,7 +123,9 @@ def capture_hidden(
 # --------------------------------------------------------------------------- the stage
 
 
-def _device(spec: str) -> str:
+def capture_device(spec: str) -> str:
+    """The device of ``capture.device``: ``auto`` = ``cuda:$LOCAL_RANK`` (modulo the visible GPUs)
+    when CUDA is available, else ``cpu``; anything else as given."""
     if spec != "auto":
         return spec
     if torch.cuda.is_available():
@@ -135,7 +137,7 @@ def load_checkpoint(path: Path, dtype: str, device: str = "auto", device_map: st
     """``(model, tokenizer)`` of a checkpoint folder, on ``device`` or sharded by ``device_map``."""
     from rotelab.models import load_model
 
-    return load_model(path, dtype, _device(device), device_map=device_map)
+    return load_model(path, dtype, capture_device(device), device_map=device_map)
 
 
 def _model_shape(run, entries: Sequence[CheckpointEntry]) -> ModelShape:
