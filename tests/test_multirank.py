@@ -48,6 +48,12 @@ CFG = {
     "phase2": {"k": 2, "prompts": 2, "epochs": 2, "lr": 1e-3, "batch_size": 4, "grad_accum": 2},
 }
 ATOL = 5e-4
+# The kill test compares a 2-rank run resumed from wherever the kill landed with a 1-rank reference:
+# the allreduce's summation order differs from one process's, and Adam (lr 3e-3, 26 steps)
+# amplifies that float noise; seen once at 6.0e-4 (p2-e01, an o_proj weight). A wrong resume (a
+# step lost or repeated, a reset optimizer or schedule) moves weights by >= 1e-2, and the test
+# checks each step ran exactly once.
+KILL_ATOL = 1.5e-3
 AUDIT_DIR = Path(__file__).parent / "write_audit"
 
 
@@ -176,7 +182,7 @@ def test_kill_one_rank_then_rerun_resumes(tmp_path: Path) -> None:
     for ea in a[1:]:
         wa, wb = _weights(run_dir, ea.id), _weights(tmp_path / "ref", ea.id)
         for k in wb:
-            assert float((wa[k] - wb[k]).abs().max()) <= ATOL, (ea.id, k)
+            assert float((wa[k] - wb[k]).abs().max()) <= KILL_ATOL, (ea.id, k)
     steps = [ln.split(",")[:2] for ln in (run_dir / "logs" / "train_loss.csv").read_text().splitlines()[1:]]
     assert len(steps) == len({tuple(s) for s in steps}) == 20 + 6  # each step once after the resume
 
