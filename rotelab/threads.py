@@ -11,9 +11,11 @@ The rule (:func:`thread_count`), decided once when a command starts:
 
 1. ``ROTELAB_THREADS`` if set (an integer ≥ 1), else ``OMP_NUM_THREADS`` if set: the user decides.
 2. Otherwise ``free = cores − busy``, where ``cores`` are the cores this process may run on
-   (``os.sched_getaffinity``) and ``busy`` the CPU-bound processes already running: the larger of
-   the 1-minute load average and the number of tasks running right now less this one (both from
-   ``/proc/loadavg``), rounded to the nearest integer.
+   (``os.sched_getaffinity``) and ``busy`` how many of them other processes keep busy *now*: the
+   non-idle share of each of those cores over a 0.3 s window (``/proc/stat``), summed and rounded
+   to the nearest integer. (Not the 1-minute load average: it still counts work that has just
+   ended — the pip install of ``make demo``'s setup, a finished test run — and made a demo
+   started on a machine that had just gone quiet run on one of its two cores.)
 3. ``threads = max(1, free // procs)``, where ``procs`` is how many rotelab processes of the same
    job share the machine: the number of shards of a sharded eval/capture (``--shard i/n``) and the
    launcher's ``LOCAL_WORLD_SIZE`` (torchrun, deepspeed), whichever is larger.
@@ -63,15 +65,43 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _busy_now() -> float:
-    """CPU-bound processes other than this one: max(1-min load average, running tasks − 1)."""
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """``{cpu: (busy jiffies, total jiffies)}`` from ``/proc/stat`` for the CPUs in ``cpus``."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            cpu = int(name[3:])
+            if cpu in cpus:
+                v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                out[cpu] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+
+
+def busy_cores(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    """How many cores were busy between two :func:`_cpu_times` samples: the sum over CPUs of
+    Δbusy / Δtotal (a CPU without ticks in between counts as idle)."""
+    busy = 0.0
+    for cpu, (b1, t1) in after.items():
+        b0, t0 = before.get(cpu, (b1, t1))
+        if t1 > t0:
+            busy += (b1 - b0) / (t1 - t0)
+    return busy
+
+
+def _busy_now(window: float = 0.3) -> float:
+    """Cores of this process's affinity set that other processes keep busy now (this process
+    sleeps during the window)."""
+    import time
+
     try:
-        with open("/proc/loadavg") as f:
-            parts = f.read().split()
-        load1 = float(parts[0])
-        running = int(parts[3].split("/")[0]) - 1
-        return max(load1, float(running))
-    except (OSError, ValueError, IndexError):
+        cpus = set(os.sched_getaffinity(0))
+        before = _cpu_times(cpus)
+        time.sleep(window)
+        return busy_cores(before, _cpu_times(cpus))
+    except (OSError, ValueError, IndexError, AttributeError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 

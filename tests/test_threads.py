@@ -69,3 +69,34 @@ def test_cli_applies_the_rule_in_a_real_process(tmp_path):
     got = _torch_threads_in_cli({}, cmd)
     assert abs(got - expected) <= 1  # the machine's load may move by one between the two decisions
     assert got <= max(1, (os.cpu_count() or 1))
+
+
+def test_busy_cores_from_two_samples():
+    """Δbusy / Δtotal per CPU, summed: one CPU fully busy and one a quarter busy is 1.25 cores."""
+    from rotelab.threads import busy_cores
+
+    before = {0: (100, 1000), 1: (50, 1000)}
+    after = {0: (200, 1100), 1: (75, 1100)}
+    assert busy_cores(before, after) == pytest.approx(1.25)
+    assert busy_cores(after, after) == 0.0  # no ticks in between: idle, not an error
+
+
+def test_busy_now_sees_a_competitor_that_runs_now(tmp_path):
+    """A CPU-bound process pinned to one of our cores is counted while it runs, and — unlike the
+    1-minute load average — not after it ended."""
+    from rotelab.threads import _busy_now
+
+    cpus = sorted(os.sched_getaffinity(0))
+    idle_before = _busy_now()
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[0]}}})\nwhile True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        during = _busy_now()
+    finally:
+        spin.kill()
+        spin.wait()
+    after = _busy_now()
+    assert during >= idle_before + 0.7 or during >= 0.9, (idle_before, during)
+    assert after <= during - 0.5, (during, after)
