@@ -1,9 +1,14 @@
 """Accuracy engines: (a) a 5-checkpoint series with one reused vLLM engine (weights swapped in
 place, every swap verified against transformers) vs a fresh engine per checkpoint, with the swap
 check's own cost and result; (b) vLLM vs HF throughput on SmolLM2-135M (CPU here) for MC scoring
-and for greedy generation. Prints times and ratios measured in this invocation.
+and for greedy generation; (c) whole evaluation units of an existing run (what `rotelab eval`
+does: the prompt pass with scoring, and generation) with ``--engine hf`` against ``auto`` on CPU
+(HF scoring + vLLM generation) with vLLM's default CPU binding (it reserves one core for its
+scheduler: on 2 cores it computes with one thread) and with ``VLLM_CPU_OMP_THREADS_BIND`` set to
+every core. Prints times and ratios measured in this invocation.
 
-    .venv/bin/python benchmarks/bench_eval_engines.py [--part a|b|all] [--series 5] [--model tiny-qwen2]
+    .venv/bin/python benchmarks/bench_eval_engines.py [--part a|b|c|all] [--series 5] [--model tiny-qwen2]
+    .venv/bin/python benchmarks/bench_eval_engines.py --part c --run runs/smollm2-demo --checkpoints base,p2-e04
 """
 
 from __future__ import annotations
@@ -112,9 +117,63 @@ def part_b(tmp: Path, facts: int) -> None:
           f"generation: vLLM/HF time {v[2] / h[2]:.2f} ({'HF' if h[2] < v[2] else 'vLLM'} faster)", flush=True)
 
 
+def part_c(tmp: Path, run_dir: Path, checkpoints: list[str], settings: list[str]) -> None:
+    import os
+    import shutil
+
+    import numpy as np
+
+    from rotelab.probe import evaluate_run
+    from rotelab.probe.accuracy_metrics import METRIC_ARRAYS
+    from rotelab.run import Run
+    from rotelab.store import Store
+
+    src = Run.open(run_dir)
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    times, stores = {}, {}
+    for name in settings:
+        root = tmp / f"c-{name}"
+        shutil.copytree(src.root, root, symlinks=True, ignore=shutil.ignore_patterns("store.zarr", "tensorboard", "figures"))
+        run = Run.open(root)
+        engine = "hf" if name == "hf" else "auto"
+        old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if name == "auto-allcores":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        t0 = time.perf_counter()
+        try:
+            evaluate_run(run, engine=engine, checkpoints=checkpoints, progress=False)
+        finally:
+            if old is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+        times[name] = time.perf_counter() - t0
+        stores[name] = Store.open(run.store_path, mode="r")
+        n_units = sum(len(checkpoints) for _ in stores[name].kinds())
+        print(f"(c) {name}: {len(checkpoints)} checkpoints × {len(stores[name].kinds())} kinds in {times[name]:.1f} s "
+              f"(engine start included; ≤ {n_units} units)", flush=True)
+    base = settings[0]
+    for name in settings[1:]:
+        same_gen, n = 0, 0
+        lp = 0.0
+        for kind in stores[base].kinds():
+            a, b = stores[base].kind(kind), stores[name].kind(kind)
+            ga, gb = a.read_item_array("gen_text", checkpoints=checkpoints), b.read_item_array("gen_text", checkpoints=checkpoints)
+            same_gen += int((ga == gb).sum())
+            n += ga.size
+            la, lb = a.read_item_array("object_logprob", checkpoints=checkpoints), b.read_item_array("object_logprob", checkpoints=checkpoints)
+            ok = np.isfinite(la) & np.isfinite(lb)
+            lp = max(lp, float(np.abs(la[ok] - lb[ok]).max()) if ok.any() else 0.0)
+        print(f"(c) {name} / {base} time: {times[name] / times[base]:.2f}; identical generations {same_gen}/{n}; "
+              f"max |Δ object logprob| {lp:.1e} ({len(METRIC_ARRAYS)} arrays per unit)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["a", "b", "all"], default="all")
+    ap.add_argument("--part", choices=["a", "b", "c", "all"], default="all")
+    ap.add_argument("--run", type=Path, default=None, help="(c): an existing run with the checkpoints' weights")
+    ap.add_argument("--checkpoints", default="base", help="(c): comma-separated checkpoint ids")
+    ap.add_argument("--settings", default="hf,auto,auto-allcores", help="(c): hf, auto, auto-allcores, in this order")
     ap.add_argument("--series", type=int, default=5)
     ap.add_argument("--facts", type=int, default=3, help="(b): facts per relation (2 relations, 1 template per kind)")
     ap.add_argument("--model", default="tiny-qwen2", help="(a): tiny model of the series (tiny-qwen2 ties its embeddings)")
@@ -124,6 +183,10 @@ def main() -> None:
             part_b(Path(tmp), args.facts)
         if args.part in ("a", "all"):
             part_a(Path(tmp), args.series, args.model)
+        if args.part == "c" or (args.part == "all" and args.run is not None):
+            if args.run is None:
+                ap.error("--part c needs --run")
+            part_c(Path(tmp), args.run, args.checkpoints.split(","), args.settings.split(","))
 
 
 if __name__ == "__main__":

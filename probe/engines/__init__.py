@@ -55,14 +55,16 @@ def resolve_engines(engine: str) -> tuple[str, str, str | None]:
 
     * ``hf`` / ``vllm``: that backend for both (``vllm`` without vLLM installed is an error that
       names ``--engine hf``).
-    * ``auto``: where vLLM is importable, on CPU the measured winner per operation — the HF
-      engine for scoring, vLLM for greedy generation — and vLLM for both on a GPU (where its
-      prefix cache works in 16-token blocks; not measured here). HF for both where vLLM is
-      missing (the note says so). Measured on SmolLM2-135M, 2-core CPU
-      (``benchmarks/bench_eval_engines.py``, 1200 MC options, 42 generations): scoring HF 27.5 s
-      vs vLLM 79.7 s (HF shares the prompt prefix; vLLM's CPU prefix cache, blocks of 128
-      tokens, shares nothing for our short prompts), generation vLLM 3.8 s vs HF 5.0 s. vLLM's
-      engine start (≈ 50 s idle, minutes on a loaded machine) is paid once per series.
+    * ``auto``: HF for both on CPU, vLLM for both on a GPU where vLLM is importable (its prefix
+      cache works in 16-token blocks there; not measured here), HF where vLLM is missing (the note
+      says so). CPU, measured on the demo's SmolLM2-135M run, 2 idle cores, one checkpoint × 10
+      prompt kinds × 72 items (``benchmarks/bench_eval_engines.py --part c``, 2026-12-01): HF
+      for scoring and generation 182 s, HF scoring + vLLM generation 442 s. Since the prompt pass
+      (HF generation continues from the prompt's KV cache) generation costs HF little, while
+      vLLM's CPU worker computes with one thread on a 2-core machine (it reserves a core for its
+      scheduler, whose busy loop also takes ~20 % of a core from the HF threads) and its engine
+      starts in ≈ 1–2 min. (Before the prompt pass, 2026-11-23: generation vLLM 3.8 s vs HF 5.0 s,
+      scoring HF 27.5 s vs vLLM 79.7 s; hence the earlier HF-scoring + vLLM-generation split.)
     """
     if engine not in ENGINE_NAMES:
         raise RotelabError(f"unknown engine {engine!r} (auto, vllm, hf)")
@@ -80,7 +82,7 @@ def resolve_engines(engine: str) -> tuple[str, str, str | None]:
         return "hf", "hf", "vLLM is not installed: using the transformers (hf) engine"
     if _cuda():
         return "vllm", "vllm", None
-    return "hf", "vllm", None
+    return "hf", "hf", None
 
 
 def _cuda() -> bool:
