@@ -47,6 +47,7 @@ import pandas as pd
 
 from rotelab.config import NON_RESULT_KEYS, expand_sweep, flatten, load_config
 from rotelab.errors import RotelabError
+from rotelab.prompts import is_icl_kind
 from rotelab.run import Run
 
 from .stats import one_sided_t
@@ -584,7 +585,7 @@ def write_report(exp: Experiment, out: str | Path | None = None) -> Report:
             rows.append([g, st, *cells])
         md += _md_table(["group", "stage", *kinds], rows) + [""]
     md += _sft_section(stats, labels, kinds)
-    icl = [k for k in kinds if k == "icl" or k.startswith("icl-")]
+    icl = [k for k in kinds if is_icl_kind(k)]
     if icl:
         md += ["## ICL (base model, paper §5 / B.5) vs ours on the same questions, all facts", ""]
         rows = []

@@ -5,7 +5,7 @@ and writes the per-item arrays of :data:`~rotelab.probe.accuracy_metrics.METRIC_
 kind's group (``[checkpoint, item]``), all of a unit in one ``write_item_arrays`` call (data first,
 then one commit marker per array). A unit counts as done only when every array of it is committed,
 so a killed run loses at most the unit it was writing. Results record the engine, its version, the
-dtype, batch size, prefix-caching setting, :data:`EVAL_CODE_VERSION` and, for vLLM, how the weights
+dtype, batch size, prefix-caching setting, :data:`~rotelab.probe.eval_units.EVAL_CODE_VERSION` and, for vLLM, how the weights
 were loaded and how closely the swap check matched transformers (array attrs
 ``provenance/<checkpoint>`` and the latest at the top level).
 
@@ -14,7 +14,7 @@ record no ``eval_code_version``), vLLM's in-place weight swap kept the first che
 head on tied-embedding models (SmolLM2, Qwen2.5, GPT-2), so every vLLM result after the first
 checkpoint of an eval invocation was computed with the wrong head. Old provenance does not say
 which checkpoint an engine started on, so *every* unit whose provenance names vLLM (for scoring or
-generation) and whose version is below :data:`VERIFIED_SWAP_VERSION`, and every committed unit
+generation) and whose version is below :data:`~rotelab.probe.eval_units.VERIFIED_SWAP_VERSION`, and every committed unit
 without provenance (a kill between the commit and the attrs), is recomputed, with a one-line
 notice. ``redo=True`` (``rotelab eval --redo``) recomputes every selected unit.
 
@@ -28,6 +28,10 @@ capture still needs for that (checkpoint, kind); they are written first (slabs, 
 ``probe_pass/<checkpoint>``), then the unit's arrays (``provenance/<checkpoint>`` has
 ``probe_pass: fused``; ``separate`` otherwise). A kill between the two leaves the capture
 committed and the unit to recompute.
+
+**Sweep siblings:** a unit on a checkpoint linked from a sibling that already evaluated it with the
+same questions and settings is copied from the sibling's store (:mod:`rotelab.probe.sibling_units`;
+provenance ``copied_from``), not computed again.
 
 See :mod:`rotelab.probe.accuracy_metrics` for the metric definitions and the tokenization rule.
 """
@@ -48,7 +52,6 @@ from rotelab.prompts import answer_options
 from rotelab.run import Run
 
 from .accuracy_metrics import (
-    METRIC_ARRAYS,
     KindPlan,
     finish_generation,
     generation_metrics,
@@ -57,15 +60,10 @@ from .accuracy_metrics import (
     stop_token_ids,
 )
 from .engines import resolve_engines
+from .eval_units import EVAL_CODE_VERSION, VERIFIED_SWAP_VERSION, unit_done, unit_stale
+from .icl_checkpoints import covers, icl_checkpoint_ids
 from .prompt_pass import Generation, PassOutput
 from .shard import Shard
-
-#: Version of the evaluation code, recorded in every result's provenance (``eval_code_version``).
-#: 1 = no version recorded (vLLM swap defect on tied models); 2 = verified vLLM swap (2026-12-01).
-EVAL_CODE_VERSION = 2
-#: vLLM results written by an eval code version below this are stale (see the module docstring).
-VERIFIED_SWAP_VERSION = 2
-
 
 def _check_checkpoint_dir(run: Run, e: CheckpointEntry) -> Path:
     d = run.checkpoint_dir(e)
@@ -138,52 +136,30 @@ def plan_run(run: Run, tokenizer, kinds: Sequence[str]) -> dict[str, KindPlan]:
 
 
 def _missing_units(
-    run: Run, fingerprint: dict[str, str], entries: list[CheckpointEntry], kinds: list[str], *, redo: bool = False
+    run: Run, fingerprint: dict[str, str], entries: list[CheckpointEntry], kinds: list[str], *, redo: bool = False,
+    icl_at: set[str] | None = None,
 ) -> tuple[list[tuple[CheckpointEntry, str]], int]:
     """``(units to compute, how many of them are committed but stale)`` without writing anything.
 
     A unit is computed when it is not committed, when :func:`unit_stale` says so, or (``redo``)
-    always.
+    always; ``icl_at`` (:func:`~rotelab.probe.icl_checkpoints.icl_checkpoint_ids`) leaves out the ICL kinds' units elsewhere.
     """
+    pairs = [(e, k) for e in entries for k in kinds if covers(icl_at, k, e.id)]
     from rotelab.store import Store
 
     if not (run.store_path / "zarr.json").is_file():
-        return [(e, k) for e in entries for k in kinds], 0
+        return pairs, 0
     st = Store.open(run.store_path, fingerprint=fingerprint, mode="r")
     have = set(st.kinds())
     groups = {k: st.kind(k) for k in kinds if k in have}
     todo, stale = [], 0
-    for e in entries:
-        for k in kinds:
-            if k not in groups or not unit_done(groups[k], e.id):
-                todo.append((e, k))
-            elif redo or unit_stale(groups[k], e.id):
-                todo.append((e, k))
-                stale += 0 if redo else 1
+    for e, k in pairs:
+        if k not in groups or not unit_done(groups[k], e.id):
+            todo.append((e, k))
+        elif redo or unit_stale(groups[k], e.id):
+            todo.append((e, k))
+            stale += 0 if redo else 1
     return todo, stale
-
-
-def unit_done(kg, checkpoint: str) -> bool:
-    """Whether all metric arrays of ``checkpoint`` are committed in kind group ``kg``."""
-    return all(kg.is_committed(name, checkpoint) for name in METRIC_ARRAYS)
-
-
-def unit_provenance(kg, checkpoint: str) -> dict | None:
-    """The provenance recorded with a committed unit (``None`` where an array lacks it)."""
-    provs = [kg.array_attrs(name).get(f"provenance/{checkpoint}") for name in METRIC_ARRAYS]
-    if any(not isinstance(p, dict) for p in provs):
-        return None
-    return provs[0]
-
-
-def unit_stale(kg, checkpoint: str) -> bool:
-    """Whether a committed unit must be recomputed: no provenance, or vLLM results (scoring or
-    generation) written by an eval code version below :data:`VERIFIED_SWAP_VERSION`."""
-    prov = unit_provenance(kg, checkpoint)
-    if prov is None:
-        return True
-    version = int(prov.get("eval_code_version", 1))
-    return "vllm" in str(prov.get("engine", "")) and version < VERIFIED_SWAP_VERSION
 
 
 class _Engines:
@@ -341,7 +317,8 @@ def evaluate_run(
             load_checked_tokenizer(run, dirs[e.id])
     ids = [e.id for e in all_entries]
     fingerprint = run.fingerprint()
-    todo, stale = _missing_units(run, fingerprint, entries, kind_list, redo=redo)
+    icl_at = icl_checkpoint_ids(run, "eval") if checkpoints is None else None  # an explicit list is evaluated as asked
+    todo, stale = _missing_units(run, fingerprint, entries, kind_list, redo=redo, icl_at=icl_at)
     if stale:
         print(
             f"rotelab eval: recomputing {stale} unit(s) of {run.store_path} whose vLLM results predate the "
@@ -362,6 +339,14 @@ def evaluate_run(
         groups = {
             k: store.ensure_kind(k, checkpoints=ids, layers=list(range(n_layers + 1)), items=run.items(k)) for k in todo_kinds
         }
+    if not redo:  # units a sweep sibling computed on the same (linked) folder: copied, not recomputed
+        from .sibling_units import copy_sibling_units
+
+        copied = copy_sibling_units(run, groups, todo, plans, lambda src, k: plan_run(src, tokenizer, [k])[k])
+        if copied:
+            todo = [(e, k) for e, k in todo if (e.id, k) not in copied]
+            if progress:
+                print(f"rotelab eval: copied {len(copied)} unit(s) a sweep sibling computed on the same linked checkpoints", file=sys.stderr)
     cap_plan = None
     if capture and _fusable(run, engines):
         from rotelab.tokenization import encode_prompt

@@ -57,8 +57,9 @@ from rotelab.tokenization import encode_prompt
 
 from rotelab.batching import pad_id
 
-from .shard import Shard
+from .icl_checkpoints import covers, icl_checkpoint_ids
 from .prompt_pass import prompt_pass
+from .shard import Shard
 from .sites import ModelSites, check_layers
 
 COVERAGE = "capture_coverage"
@@ -373,11 +374,13 @@ def plan_capture(
     except OSError as err:
         raise _disk_error(err, run.store_path, "the store layout") from None
 
+    # the ICL kinds at capture.icl_checkpoints only, unless the checkpoints are named
+    icl_at = icl_checkpoint_ids(run, "capture") if checkpoints is None else None
     todos = [_Todo(e) for e in selected]
     for w in works:
-        plan = _plan(w, selected, layer_list)
+        plan = _plan(w, [e for e in selected if covers(icl_at, w.kind, e.id)], layer_list)
         for t in todos:
-            t.layers[w.kind], t.final[w.kind] = plan[t.entry.id]
+            t.layers[w.kind], t.final[w.kind] = plan.get(t.entry.id, ([], False))
     todos = [t for t in todos if t.kinds()]
     return CapturePlan(run, store, {w.kind: w for w in works}, todos, layer_list, n_layers, hidden, shard, selected)
 

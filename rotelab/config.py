@@ -183,6 +183,13 @@ class EvalConfig(_Section):
     engine: Literal["auto", "vllm", "hf"] = setting("auto")
     kinds: list[str] | None = setting(None)
     """Prompt kinds to evaluate; default: all kinds the run has."""
+    icl_checkpoints: list[str] | None = setting(default_factory=lambda: ["base"])
+    """Checkpoints at which ``rotelab eval`` evaluates the in-context-learning kinds (``icl``,
+    ``icl-translated-*``) when no ``--checkpoints`` are given. The paper's ICL baseline is the base
+    model with the fact in its context (§5 / B.5, Fig. 6), so the default is ``[base]``; ``null``
+    evaluates them at every checkpoint like the other kinds (ICL on a trained checkpoint is no paper
+    baseline, and it was 36 % of the demo's evaluation). An explicit ``--checkpoints`` list is
+    evaluated as asked."""
     batch_size: int = setting(32, ge=1)
     """vLLM's batch, and the HF engine's ``score()`` batch for a request behind a prefix that is not
     its item's prompt. HF scoring and generation behind the prompts run in the prompt pass, whose
@@ -203,6 +210,13 @@ class CaptureConfig(_Section):
     """Prompt kinds to capture; default: all kinds the run has."""
     layers: list[int] | None = setting(None)
     """Layers to capture (0 = embedding output, i = output of block i); default: all."""
+    icl_checkpoints: list[str] | None = setting(None)
+    """Checkpoints at which capture covers the in-context-learning kinds (``icl``,
+    ``icl-translated-*``) when no ``--checkpoints`` are given. Default ``null``: every checkpoint
+    (their representations over the whole series, for the analyses and the TUI); ``[base]``
+    captures them where ``eval.icl_checkpoints`` evaluates them by default (the paper's ICL
+    baseline, §5 / B.5), which the fused probe pass does at no extra cost; their slabs elsewhere
+    stay empty (NaN in the analyses)."""
     batch_size: int = setting(32, ge=1)
     """Prompts per forward of the prompt pass (:mod:`rotelab.probe.prompt_pass`), the one forward
     capture, HF evaluation (scoring and generation) and the fused probe pass share: one batching,

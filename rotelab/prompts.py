@@ -39,6 +39,12 @@ from rotelab.relations import Relation
 BASE_KINDS = ("zero", "key", "train", "test", "unrelated")
 ITEM_COLUMNS = ("item", "fact_id", "relation", "template_id", "text", "object", "split")
 ICL_PREFIX = "icl-"
+
+
+def is_icl_kind(kind: str) -> bool:
+    """Whether ``kind`` is an in-context-learning kind (``icl``, ``icl-translated-<lang>``)."""
+    return kind == "icl" or kind.startswith(ICL_PREFIX)
+
 MEANINGFUL_TEMPLATE_ID = 0
 """``phase1.mode: meaningful`` memorizes with train template 0 (train-1)."""
 
@@ -118,7 +124,7 @@ def prompt_texts(fact: Fact, rel: Relation, kind: str, template_rel: Relation | 
         return [(0, s, o)]
     if kind == "key":
         return [(0, f"{s} {rel.key_token}", o)]
-    if kind == "icl" or kind.startswith(ICL_PREFIX):
+    if is_icl_kind(kind):
         raise RotelabError(f"prompt kind {kind!r} needs a seed: use build_items")
     trel = template_rel or rel
     templates = _templates(trel, kind)
@@ -148,7 +154,7 @@ def build_items(
     (repurposing; the ``repurposed`` kind holds only those relations' facts); ``seed`` draws the
     ICL contexts.
     """
-    icl = kind == "icl" or kind.startswith(ICL_PREFIX)
+    icl = is_icl_kind(kind)
     rows = []
     for f in facts:
         rel = relations.get(f.relation)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
 
 def main(argv: list[str] | None = None) -> int:
     from rotelab.models import load_model
-    from rotelab.probe.accuracy import unit_provenance
     from rotelab.probe.accuracy_metrics import finish_generation, stop_token_ids
+    from rotelab.probe.eval_units import unit_provenance
     from rotelab.run import Run
     from rotelab.store import Store
     from rotelab.tokenization import encode

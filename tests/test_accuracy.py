@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    run = make_tiny_run(tmp_path_factory.mktemp("acc_eval"), n_checkpoints=2)
+    run = make_tiny_run(tmp_path_factory.mktemp("acc_eval"), n_checkpoints=2, config={"eval": {"icl_checkpoints": None}})
     evaluate_run(run, engine="hf", kinds=KINDS, progress=False)
     return run
 
@@ -234,6 +234,38 @@ def test_resume_computes_only_missing_units(tmp_path, monkeypatch):
     np.testing.assert_array_equal(kg.read_item_array("object_logprob"), before)
 
 
+def test_icl_kinds_are_evaluated_at_the_configured_checkpoints_only(tmp_path, monkeypatch):
+    """eval.icl_checkpoints (default [base], the paper's ICL baseline): with no --checkpoints the
+    ICL kinds are scored at base only while the other kinds cover the series; an explicit list is
+    evaluated as asked; null means every checkpoint; an unknown id is an error naming the setting."""
+    run = make_tiny_run(tmp_path, n_checkpoints=3)
+    assert run.config.eval.icl_checkpoints == ["base"]
+    calls: list[tuple[str, str]] = []
+    orig = HFEngine.evaluate_plan
+
+    def spy(self, plan, *a, **k):
+        calls.append((self.checkpoint.name, plan.kind))
+        return orig(self, plan, *a, **k)
+
+    monkeypatch.setattr(HFEngine, "evaluate_plan", spy)
+    evaluate_run(run, engine="hf", kinds=["key", "icl", "icl-translated-de"], progress=False)
+    assert sorted(calls) == sorted([(c, "key") for c in ("base", "p1-e01", "p1-e02")] + [("base", "icl"), ("base", "icl-translated-de")])
+    st = Store.open(run.store_path, mode="r")
+    assert st.kind("icl").committed("mc_correct").tolist() == [True, False, False]
+    tidy = metrics_table(run)
+    assert set(tidy[tidy.kind == "icl"]["checkpoint"]) == {"base"}
+    calls.clear()
+    evaluate_run(run, engine="hf", kinds=["icl"], checkpoints=["p1-e02"], progress=False)
+    assert calls == [("p1-e02", "icl")]
+    calls.clear()
+    run.config.eval.icl_checkpoints = None
+    evaluate_run(run, engine="hf", kinds=["key", "icl"], progress=False)
+    assert calls == [("p1-e01", "icl")]  # the only unit left
+    run.config.eval.icl_checkpoints = ["p9-e99"]
+    with pytest.raises(RotelabError, match=r"config\.yaml: eval\.icl_checkpoints names 'p9-e99'"):
+        evaluate_run(run, engine="hf", kinds=["icl"], progress=False)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -292,7 +324,7 @@ def test_engine_selection_without_vllm(monkeypatch, tiny):
         resolve_engines("tgi")
     monkeypatch.setattr(engines, "vllm_available", lambda: True)
     monkeypatch.setattr(engines, "_cuda", lambda: False)
-    assert resolve_engines("auto") == ("hf", "vllm", None)  # CPU: the measured winner per operation
+    assert resolve_engines("auto") == ("hf", "hf", None)  # CPU: measured faster for whole units (bench_eval_engines --part c)
     monkeypatch.setattr(engines, "_cuda", lambda: True)
     assert resolve_engines("auto") == ("vllm", "vllm", None)
     assert resolve_engines("hf") == ("hf", "hf", None)

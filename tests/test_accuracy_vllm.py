@@ -23,13 +23,14 @@ from rotelab.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not vllm_available(), reason="vLLM not installed")]
 KINDS = ["key", "icl"]
+ALL_CHECKPOINTS = {"eval": {"icl_checkpoints": None}}  # ICL at every checkpoint: the swap path for both kinds
 
 
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("vllm"), n_checkpoints=2)
+    return make_tiny_run(tmp_path_factory.mktemp("vllm"), n_checkpoints=2, config=ALL_CHECKPOINTS)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_parity_with_hf(run, vllm_engine, ckpt):
 
 
 def test_evaluate_run_with_vllm_matches_hf(run, vllm_engine, tmp_path, monkeypatch):
-    other = make_tiny_run(tmp_path, n_checkpoints=2)  # same seed: the same weights and items
+    other = make_tiny_run(tmp_path, n_checkpoints=2, config=ALL_CHECKPOINTS)  # same seed: the same weights and items
 
     class Shared:
         """The module's engine, not closed by evaluate_run."""

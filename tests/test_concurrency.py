@@ -155,7 +155,8 @@ def test_concurrent_table_writers_and_a_reader_never_break_the_table(tmp_path: P
 
 
 def _store_arrays(run_dir: Path) -> dict[tuple[str, str], "object"]:
-    """Every kind's activations, final_norm and per-item eval arrays, read through the store API."""
+    """Every kind's activations, final_norm and per-item eval arrays, read through the store API,
+    and each eval array's committed-checkpoint mask (``(kind, "<name>/committed")``)."""
     import numpy as np
 
     from rotelab.run import Run
@@ -167,24 +168,40 @@ def _store_arrays(run_dir: Path) -> dict[tuple[str, str], "object"]:
         g = store.kind(kind)
         out[(kind, "activations")] = np.asarray(g.read_activations())
         out[(kind, "final_norm")] = np.asarray(g.read_final_norm())
+        out[(kind, "checkpoint")] = np.asarray(list(g.checkpoints))
         for name in g.item_arrays():
             out[(kind, name)] = np.asarray(g.read_item_array(name))
+            out[(kind, f"{name}/committed")] = np.asarray(g.committed(name))
     return out
 
 
 def _assert_same_store(a: Path, b: Path) -> None:
+    """Store ``a`` holds exactly ``b``'s arrays, every cell written: activations at every
+    checkpoint, eval arrays at every checkpoint except the ICL kinds' (eval.icl_checkpoints
+    default: base only, the paper's ICL baseline)."""
     import numpy as np
+
+    from rotelab.prompts import is_icl_kind
 
     sa, sb = _store_arrays(a), _store_arrays(b)
     assert set(sa) == set(sb) and any(k[1] == "object_prob" for k in sa) and any(k[1] == "activations" for k in sa)
     for key, va in sa.items():
         vb = sb[key]
         assert va.shape == vb.shape, key
+        if key[1].endswith("/committed"):
+            continue
+        written = np.ones(va.shape[0], dtype=bool)
+        if key[1] not in ("activations", "final_norm", "checkpoint"):
+            written = sa[(key[0], f"{key[1]}/committed")]
+            ids = sa[(key[0], "checkpoint")].tolist()
+            expected = [c == "base" for c in ids] if is_icl_kind(key[0]) else [True] * len(ids)
+            assert written.tolist() == expected, (key, written)
+            assert (sb[(key[0], f"{key[1]}/committed")] == written).all(), key
         if va.dtype.kind in "fc":
-            assert np.isfinite(va).all(), (key, "a cell was left unwritten")
+            assert np.isfinite(va[written]).all(), (key, "a cell was left unwritten")
             assert np.array_equal(va, vb, equal_nan=True), key
         else:
-            assert (va == vb).all(), key
+            assert (va[written] == vb[written]).all(), key
 
 
 def _tiny_series(tmp_path: Path, names: list[str]) -> list[Path]:

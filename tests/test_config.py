@@ -135,7 +135,7 @@ def test_settings_are_declared_next_to_their_fields() -> None:
 
     assert NON_RESULT_KEYS == {
         "name", "sweep", "eval.batch_size", "eval.engine", "eval.gpu_memory_utilization", "eval.tensor_parallel_size",
-        "eval.prefix_caching", "eval.kinds", "capture.batch_size", "capture.kinds", "capture.layers", "capture.device",
+        "eval.prefix_caching", "eval.kinds", "eval.icl_checkpoints", "capture.batch_size", "capture.kinds", "capture.layers", "capture.icl_checkpoints", "capture.device",
         "capture.device_map", "analyses.projections", "analyses.patching", "analyses.causal_trace", "analyses.reference_checkpoint",
         "analyses.projection_fit_on", "analyses.joint_kinds", "analyses.umap_layers", "train.keep_weights",
         "train.deepspeed",

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from rotelab.prompts import is_icl_kind
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -53,10 +55,13 @@ def test_store_has_every_kind_with_metrics_activations_and_curves(tiny_run) -> N
         group = store.kind(kind)
         acts = group.read_activations()
         assert np.isfinite(acts).all(), kind
+        # the ICL kinds are evaluated at eval.icl_checkpoints (default: base, the paper's baseline) only
+        at = [c == "base" for c in group.checkpoints] if is_icl_kind(kind) else [True] * n_ckpt
+        assert group.committed("mc_correct").tolist() == at, kind
         for metric in ("object_prob", "mc_correct", "gen_correct"):
             vals = group.read_item_array(metric)
-            assert vals.shape == (n_ckpt, len(run.items(kind))) and np.isfinite(vals).all(), (kind, metric)
-        probs = group.read_item_array("object_prob")
+            assert vals.shape == (n_ckpt, len(run.items(kind))) and np.isfinite(vals[at]).all(), (kind, metric)
+        probs = group.read_item_array("object_prob")[at]
         assert ((probs >= 0) & (probs <= 1)).all()
         if group.items["relation"].nunique() >= 2:  # ΔCosSim needs two relations (reverse has one)
             dc = group.read_derived("delta_cossim")
@@ -217,6 +222,11 @@ def test_fused_probe_pass_store_equals_separate_stages(tiny_run, tmp_path) -> No
         for kind in st.kinds():
             kg = st.kind(kind)
             for ckpt in kg.checkpoints:
+                if is_icl_kind(kind) and ckpt != "base":  # not evaluated (eval.icl_checkpoints): capture alone
+                    assert f"provenance/{ckpt}" not in kg.array_attrs("object_prob")
+                    assert set(kg.array_attrs("activations")[f"probe_pass/{ckpt}"].values()) == {"separate"}
+                    assert kg.array_attrs("final_norm")[f"probe_pass/{ckpt}"] == "separate"
+                    continue
                 assert kg.array_attrs("object_prob")[f"provenance/{ckpt}"]["probe_pass"] == want
                 assert set(kg.array_attrs("activations")[f"probe_pass/{ckpt}"].values()) == {want}
                 assert kg.array_attrs("final_norm")[f"probe_pass/{ckpt}"] == want
@@ -262,3 +272,41 @@ def test_sweep_prunes_only_after_every_sibling_linked_its_phase1(tmp_path: Path,
     assert (second.checkpoints_dir / "p1-e01").is_symlink()  # phase 1 is the first sibling's
     for cid in ("p1-e01", "p1-e02"):  # linked by the second sibling: kept in the first
         assert has_weights(first, cid) and has_weights(second, cid)
+
+
+def test_capture_icl_checkpoints_base_only_through_analyses_and_figures(tmp_path: Path) -> None:
+    """``capture.icl_checkpoints: [base]`` (what the demo uses): eval + capture (fused) leave the ICL
+    kinds' slabs committed at base only — no separate capture of them elsewhere — every other
+    kind's everywhere; a later ``rotelab capture`` adds nothing; ``--checkpoints`` still captures
+    an ICL kind where it is named; the analyses and figures run on the partial ICL groups."""
+    import torch
+    from fixtures_runs import make_tiny_run
+
+    from rotelab.pipeline import run_pipeline
+    from rotelab.probe.capture import capture_run
+    from rotelab.store import Store
+
+    run = make_tiny_run(tmp_path, n_checkpoints=3, config={"capture": {"icl_checkpoints": ["base"]}})
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pipeline(run, stages=("eval", "capture", "analyze", "figures"), progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    st = Store.open(run.store_path, mode="r")
+    icl = [k for k in st.kinds() if is_icl_kind(k)]
+    assert icl and len(icl) < len(st.kinds())
+    for kind in st.kinds():
+        kg = st.kind(kind)
+        acts = kg.committed("activations")
+        want = [c == "base" for c in kg.checkpoints] if is_icl_kind(kind) else [True] * len(kg.checkpoints)
+        assert acts.all(axis=1).tolist() == want and (acts.any(axis=1) == acts.all(axis=1)).all(), kind
+        assert kg.committed("final_norm").tolist() == want, kind
+        if is_icl_kind(kind):  # the base slabs came from eval's prompt pass
+            assert set(kg.array_attrs("activations")["probe_pass/base"].values()) == {"fused"}
+            assert np.isnan(kg.read_activations(checkpoints=["p1-e01"])).all()
+    assert (run.root / "figures").is_dir() and any((run.root / "figures").glob("*.png"))
+    capture_run(run, progress=False)  # nothing left to do
+    assert Store.open(run.store_path, mode="r").kind(icl[0]).committed("activations").all(axis=1).tolist() == [True, False, False]
+    capture_run(run, checkpoints=["p1-e01"], kinds=[icl[0]], progress=False)
+    assert Store.open(run.store_path, mode="r").kind(icl[0]).committed("activations").all(axis=1).tolist() == [True, True, False]

@@ -150,7 +150,8 @@ def _passes(run: Run, kind: str, ckpt: str) -> tuple[str, str, dict]:
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_fused_store_identical_to_separate(tmp_path, name, monkeypatch):
-    sep = make_tiny_run(tmp_path / "sep", n_checkpoints=2, model=name, config={"capture": {"kinds": KINDS}})
+    # ICL at every checkpoint (not only eval.icl_checkpoints' default base): every unit is fused
+    sep = make_tiny_run(tmp_path / "sep", n_checkpoints=2, model=name, config={"capture": {"kinds": KINDS}, "eval": {"icl_checkpoints": None}})
     shutil.copytree(sep.root, tmp_path / "fused")
     fused = Run.open(tmp_path / "fused")
     _separate(sep)
