@@ -196,7 +196,8 @@ class EvalConfig(_Section):
     batch is ``capture.batch_size``."""
     max_new_tokens: int = Field(16, ge=1)
     gpu_memory_utilization: float = setting(0.2, gt=0, le=1)
-    """vLLM: fraction of GPU memory (on CPU: of host memory) the engine reserves."""
+    """vLLM: fraction of GPU memory the engine reserves; on CPU, of the host memory node, less the
+    weights, is the KV cache (:func:`rotelab.probe.engines.vllm_engine.cpu_kv_cache_bytes`)."""
     tensor_parallel_size: int = setting(1, ge=1)
     """vLLM: GPUs one engine spans (for models that need several)."""
     prefix_caching: bool = setting(True)

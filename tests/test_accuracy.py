@@ -323,9 +323,9 @@ def test_engine_selection_without_vllm(monkeypatch, tiny):
     with pytest.raises(RotelabError, match="unknown engine"):
         resolve_engines("tgi")
     monkeypatch.setattr(engines, "vllm_available", lambda: True)
-    monkeypatch.setattr(engines, "_cuda", lambda: False)
+    monkeypatch.setattr(engines, "cuda_available", lambda: False)
     assert resolve_engines("auto") == ("hf", "hf", None)  # CPU: measured faster for whole units (bench_eval_engines --part c)
-    monkeypatch.setattr(engines, "_cuda", lambda: True)
+    monkeypatch.setattr(engines, "cuda_available", lambda: True)
     assert resolve_engines("auto") == ("vllm", "vllm", None)
     assert resolve_engines("hf") == ("hf", "hf", None)
 

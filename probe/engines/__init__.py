@@ -80,12 +80,13 @@ def resolve_engines(engine: str) -> tuple[str, str, str | None]:
         return "vllm", "vllm", None
     if not have:
         return "hf", "hf", "vLLM is not installed: using the transformers (hf) engine"
-    if _cuda():
+    if cuda_available():
         return "vllm", "vllm", None
     return "hf", "hf", None
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (decides ``auto`` and vLLM's CPU-only settings)."""
     import torch
 
     return torch.cuda.is_available()

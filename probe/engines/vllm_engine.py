@@ -47,6 +47,7 @@ import numpy as np
 from rotelab.errors import RotelabError
 
 from ..accuracy_metrics import ScoreRequest, cut_at_stop
+from . import cuda_available
 
 
 def _logprob_of(entry, token_id: int) -> float:
@@ -117,6 +118,44 @@ def reference_logprobs(checkpoint_dir: Path, ids: Sequence[int]) -> np.ndarray:
     return lp.numpy()
 
 
+def host_memory_bytes() -> int:
+    """Total memory of the host memory node vLLM's CPU worker checks against (node 0's
+    ``/sys/devices/system/node/node0/meminfo``; the whole machine's where there is none)."""
+    try:
+        with open("/sys/devices/system/node/node0/meminfo") as f:
+            for line in f:
+                parts = line.split()  # "Node 0 MemTotal: 15689448 kB"
+                if len(parts) >= 4 and parts[2] == "MemTotal:":
+                    return int(parts[3]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def cpu_kv_cache_bytes(checkpoint_dir: Path, fraction: float) -> int:
+    """The KV cache the CPU engine allocates: ``fraction`` of the host memory node
+    (:func:`host_memory_bytes`) less the checkpoint's weight files, i.e. the worker's budget of
+    ``eval.gpu_memory_utilization`` as vLLM describes it.
+
+    Passed to vLLM as ``kv_cache_memory_bytes``. Left to itself, vLLM's CPU worker takes
+    ``fraction × node memory − the worker's resident set`` *at startup*, which on a 2-core machine
+    with a ballooning node size (seen 10.5–16.5 GiB on one 24 GiB VM) and a worker of ≈ 2 GiB (torch,
+    compiled kernels) came out negative and refused to start ("requested memory for kv
+    (-0.98/0.96 GiB)"). ``VLLM_CPU_KVCACHE_SPACE`` (GiB), where set, still wins (vLLM applies it).
+    """
+    weights = sum(f.stat().st_size for f in Path(checkpoint_dir).glob("*.safetensors"))
+    weights += sum(f.stat().st_size for f in Path(checkpoint_dir).glob("*.bin"))
+    kv = int(fraction * host_memory_bytes()) - weights
+    if kv <= 0:
+        raise RotelabError(
+            f"{checkpoint_dir}: eval.gpu_memory_utilization {fraction} of {host_memory_bytes() / 2**30:.1f} GiB host memory "
+            f"does not hold the {weights / 2**30:.2f} GiB of weights and a KV cache: raise it (or set VLLM_CPU_KVCACHE_SPACE)"
+        )
+    return kv
+
+
 class VllmEngine:
     """vLLM engine (``vllm.LLM``). Created with the first checkpoint to evaluate.
 
@@ -158,6 +197,8 @@ class VllmEngine:
             max_logprobs=1,
             worker_extension_cls=WORKER_EXTENSION,
         )
+        if not cuda_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            self._llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(Path(checkpoint_dir), gpu_memory_utilization)
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         self.llm = None
         self.restarts = 0
