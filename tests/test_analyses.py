@@ -206,6 +206,11 @@ def test_seed_statistics_zero_variance_and_errors():
     out = seed_statistics([t, t.copy()], chance=0.01)
     assert np.isinf(out["t"]).all() or (out["std"] > 0).any()
     assert (out.loc[np.isinf(out["t"]) & (out["t"] > 0), "p"] == 0).all()
+    from rotelab.analyses.stats import one_sided_t
+
+    same = one_sided_t(np.array([0.4, 0.4, 0.4]), 0.1)  # mean 0.4 + 6e-17 in float64
+    assert same["std"] == 0 and same["ci95"] == 0 and same["t"] == np.inf and same["p"] == 0
+    assert np.isnan(one_sided_t(np.array([0.1, 0.1]), 0.1)["p"])
     with pytest.raises(RotelabError, match="at least two runs"):
         seed_statistics([t])
     with pytest.raises(RotelabError, match="missing columns"):
